@@ -1,0 +1,195 @@
+"""Process-group set-up and thin wrappers over torch.distributed.
+
+The wrappers mirror the torch.distributed names users already call, so
+``import deepscale.comm as dist`` works as a drop-in. They add two things: a single
+``init_distributed`` that understands every launcher's environment, and functions that
+behave sensibly before initialisation (rank 0 of a world of 1).
+"""
+import datetime
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as _dist
+
+from deepscale.accelerator import get_accelerator
+from deepscale.comm import env_discovery
+from deepscale.utils.logging import logger
+
+# Same default as torch: 30 minutes before a collective gives up.
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+
+ReduceOp = _dist.ReduceOp
+
+
+def is_available() -> bool:
+    return _dist.is_available()
+
+
+def is_initialized() -> bool:
+    return _dist.is_available() and _dist.is_initialized()
+
+
+def init_distributed(dist_backend: Optional[str] = None,
+                     auto_mpi_discovery: bool = True,
+                     distributed_port: int = 29500,
+                     verbose: bool = True,
+                     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+                     init_method: Optional[str] = None,
+                     dist_init_required: Optional[bool] = None,
+                     config=None,
+                     rank: int = -1,
+                     world_size: int = -1) -> None:
+    """Initialise the default process group once, from whatever launcher started us.
+
+    Args:
+        dist_backend: torch.distributed backend; default is the accelerator's (gloo on CPU,
+            nccl on CUDA).
+        auto_mpi_discovery: read OpenMPI/MPICH/Slurm variables when RANK/WORLD_SIZE are absent.
+        distributed_port: rendezvous port when MASTER_PORT is not set. Default 29500.
+        verbose: log the chosen rank, world size and backend.
+        timeout: collective timeout. Default 30 minutes.
+        init_method: a torch init_method URL; default ``env://``.
+        dist_init_required: ``False`` skips initialisation; ``None`` initialises if needed.
+        config: accepted for DeepSpeed compatibility; unused.
+        rank, world_size: explicit values that override the environment (-1: read it).
+
+    An already-initialised default group (the user called torch.distributed themselves) is
+    reused as is.
+    """
+    if dist_init_required is False:
+        return
+    if is_initialized():
+        if verbose:
+            logger.debug("torch.distributed is already initialised; reusing the default group")
+        return
+    penv = env_discovery.discover() if auto_mpi_discovery else env_discovery.discover(
+        {k: v for k, v in os.environ.items() if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE",
+                                                       "MASTER_ADDR", "MASTER_PORT")})
+    if rank >= 0 or world_size > 0:
+        if rank < 0 or world_size <= 0:
+            raise ValueError(f"init_distributed: pass both rank and world_size (got rank={rank}, "
+                             f"world_size={world_size})")
+        if rank >= world_size:
+            raise ValueError(f"init_distributed: rank {rank} is not below world_size {world_size}")
+        penv = env_discovery.ProcessEnv(rank, world_size, penv.local_rank, penv.local_size,
+                                        penv.master_addr, penv.master_port, "arguments")
+    if penv.world_size > 1 and penv.source in ("openmpi", "mpich", "slurm") and not penv.master_addr:
+        logger.warning(f"{penv.source} launch without MASTER_ADDR: using {env_discovery.DEFAULT_MASTER_ADDR}; "
+                       "set MASTER_ADDR to the first node's address for multi-node jobs")
+    env_discovery.export(penv, distributed_port)
+    backend = dist_backend or get_accelerator().communication_backend_name()
+    if backend == "nccl":
+        get_accelerator().set_device(penv.local_rank)
+    if verbose:
+        logger.info(f"initialising torch.distributed: backend={backend} rank={penv.rank} "
+                    f"world_size={penv.world_size} master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
+                    f"(from {penv.source} variables)")
+    _dist.init_process_group(backend=backend, init_method=init_method or "env://", timeout=timeout,
+                             rank=penv.rank, world_size=penv.world_size)
+
+
+def destroy_process_group(group=None) -> None:
+    if is_initialized():
+        _dist.destroy_process_group(group)
+
+
+def get_rank(group=None) -> int:
+    return _dist.get_rank(group) if is_initialized() else 0
+
+
+def get_world_size(group=None) -> int:
+    return _dist.get_world_size(group) if is_initialized() else 1
+
+
+def get_local_rank() -> int:
+    """This process's rank on its node (LOCAL_RANK), 0 when unset."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def get_global_rank(group, group_rank: int) -> int:
+    return _dist.get_global_rank(group, group_rank) if group is not None else group_rank
+
+
+def get_backend(group=None) -> str:
+    return _dist.get_backend(group)
+
+
+def new_group(ranks=None, timeout=None, backend=None):
+    return _dist.new_group(ranks=ranks, timeout=timeout, backend=backend)
+
+
+def barrier(group=None, async_op: bool = False):
+    if not is_initialized():
+        return None
+    return _dist.barrier(group=group, async_op=async_op)
+
+
+def all_reduce(tensor: torch.Tensor, op=ReduceOp.SUM, group=None, async_op: bool = False):
+    return _dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+
+def reduce(tensor: torch.Tensor, dst: int, op=ReduceOp.SUM, group=None, async_op: bool = False):
+    return _dist.reduce(tensor, dst, op=op, group=group, async_op=async_op)
+
+
+def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False):
+    return _dist.broadcast(tensor, src, group=group, async_op=async_op)
+
+
+def all_gather(tensor_list, tensor: torch.Tensor, group=None, async_op: bool = False):
+    return _dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+
+
+def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op: bool = False):
+    return _dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+
+
+def reduce_scatter(output, input_list, op=ReduceOp.SUM, group=None, async_op: bool = False):
+    return _dist.reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+
+
+def reduce_scatter_tensor(output, input, op=ReduceOp.SUM, group=None, async_op: bool = False):
+    return _dist.reduce_scatter_tensor(output, input, op=op, group=group, async_op=async_op)
+
+
+def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
+                      async_op: bool = False):
+    return _dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group,
+                                   async_op=async_op)
+
+
+def gather(tensor, gather_list=None, dst: int = 0, group=None, async_op: bool = False):
+    return _dist.gather(tensor, gather_list, dst=dst, group=group, async_op=async_op)
+
+
+def scatter(tensor, scatter_list=None, src: int = 0, group=None, async_op: bool = False):
+    return _dist.scatter(tensor, scatter_list, src=src, group=group, async_op=async_op)
+
+
+def send(tensor, dst: int, group=None, tag: int = 0):
+    return _dist.send(tensor, dst, group=group, tag=tag)
+
+
+def recv(tensor, src=None, group=None, tag: int = 0):
+    return _dist.recv(tensor, src, group=group, tag=tag)
+
+
+def isend(tensor, dst: int, group=None, tag: int = 0):
+    return _dist.isend(tensor, dst, group=group, tag=tag)
+
+
+def irecv(tensor, src=None, group=None, tag: int = 0):
+    return _dist.irecv(tensor, src, group=group, tag=tag)
+
+
+def all_gather_object(object_list, obj, group=None):
+    return _dist.all_gather_object(object_list, obj, group=group)
+
+
+def broadcast_object_list(object_list, src: int = 0, group=None):
+    return _dist.broadcast_object_list(object_list, src=src, group=group)
+
+
+def get_world_group():
+    return _dist.group.WORLD
