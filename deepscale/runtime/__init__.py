@@ -1,0 +1,1 @@
+"""The training runtime: engine, precision, optimizers, ZeRO, checkpoints, pipeline."""

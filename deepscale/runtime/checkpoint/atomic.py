@@ -1,0 +1,125 @@
+"""Atomic checkpoint directories.
+
+Note: crash safety. A checkpoint tag is first written into a hidden sibling directory
+(``.tmp-<tag>-<id>``); every file is fsynced; only then is the directory renamed to its final
+name, and only after that does the ``latest`` file (itself replaced with an atomic rename)
+point at it. A crash at any moment therefore leaves either the old or the new checkpoint
+complete, never a half-written one under a name that a loader would pick. When an existing
+tag is overwritten, the old directory is first renamed aside to ``.old-<tag>-<id>``;
+:func:`resolve_tag_dir` falls back to it if a crash hit between the two renames.
+"""
+import os
+import shutil
+import uuid
+from typing import Optional
+
+LATEST_FILE = "latest"
+_TMP_PREFIX = ".tmp-"
+_OLD_PREFIX = ".old-"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file under ``path`` and the directories themselves."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(root)
+
+
+def write_latest_tag(save_dir: str, tag: str) -> None:
+    """Point ``save_dir/latest`` at ``tag`` with an atomic replace."""
+    tmp = os.path.join(save_dir, f"{_TMP_PREFIX}{LATEST_FILE}-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w") as handle:
+        handle.write(tag)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
+    _fsync_dir(save_dir)
+
+
+def read_latest_tag(load_dir: str) -> Optional[str]:
+    """The tag named by ``load_dir/latest``, or None if there is no such file."""
+    path = os.path.join(load_dir, LATEST_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        tag = handle.read().strip()
+    return tag or None
+
+
+def resolve_tag_dir(load_dir: str, tag: str) -> Optional[str]:
+    """The directory of ``tag``, recovering one left aside by an interrupted overwrite."""
+    final = os.path.join(load_dir, tag)
+    if os.path.isdir(final):
+        return final
+    prefix = f"{_OLD_PREFIX}{tag}-"
+    for name in sorted(os.listdir(load_dir)) if os.path.isdir(load_dir) else []:
+        if name.startswith(prefix):
+            return os.path.join(load_dir, name)
+    return None
+
+
+class AtomicCheckpointDir:
+    """Stages a checkpoint tag in a temporary directory and publishes it atomically.
+
+    Use from one process (rank 0) for ``create()``/``commit()``; every rank may write files
+    into ``staging_path`` in between (the engine puts barriers around that).
+
+    Args:
+        save_dir: the checkpoint root.
+        tag: the checkpoint name (a sub-directory of ``save_dir``).
+        staging_id: shared suffix so all ranks agree on the staging path.
+    """
+
+    def __init__(self, save_dir: str, tag: str, staging_id: str):
+        if not tag or os.sep in tag or tag in (".", "..") or tag.startswith("."):
+            raise ValueError(f"checkpoint tag {tag!r} must be a plain directory name (no '/', not hidden)")
+        self.save_dir = save_dir
+        self.tag = tag
+        self.final_path = os.path.join(save_dir, tag)
+        self.staging_path = os.path.join(save_dir, f"{_TMP_PREFIX}{tag}-{staging_id}")
+
+    def create(self) -> None:
+        os.makedirs(self.save_dir, exist_ok=True)
+        self._remove_stale_staging()
+        os.makedirs(self.staging_path)
+
+    def _remove_stale_staging(self) -> None:
+        # Left behind by saves that crashed; never referenced by `latest`.
+        for name in os.listdir(self.save_dir):
+            if name.startswith(f"{_TMP_PREFIX}{self.tag}-") or name.startswith(f"{_TMP_PREFIX}{LATEST_FILE}-"):
+                shutil.rmtree(os.path.join(self.save_dir, name), ignore_errors=True)
+                if os.path.isfile(os.path.join(self.save_dir, name)):
+                    os.remove(os.path.join(self.save_dir, name))
+
+    def commit(self, update_latest: bool = True) -> str:
+        """Publish the staged directory under its final name; returns the final path."""
+        fsync_tree(self.staging_path)
+        aside = None
+        if os.path.exists(self.final_path):
+            aside = os.path.join(self.save_dir, f"{_OLD_PREFIX}{self.tag}-{uuid.uuid4().hex[:8]}")
+            os.rename(self.final_path, aside)
+        os.rename(self.staging_path, self.final_path)
+        _fsync_dir(self.save_dir)
+        if update_latest:
+            write_latest_tag(self.save_dir, self.tag)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return self.final_path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging_path, ignore_errors=True)

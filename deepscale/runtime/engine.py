@@ -1,0 +1,333 @@
+"""The Engine: the object ``deepscale.initialize`` returns.
+
+The engine holds no algorithm of its own (DESIGN.md): it reads the config and wires together
+the gradient reducer (data-parallel averaging), the precision optimizer (master weights, loss
+scaling, clipping), the lr schedule, the data loader, checkpoints and step reporting.
+"""
+import contextlib
+import os
+from typing import Optional
+
+import torch
+
+from deepscale import comm as dist
+from deepscale.accelerator import get_accelerator
+from deepscale.comm.topology import ParallelTopology
+from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_engine_checkpoint, resolve_checkpoint,
+                                                            save_engine_checkpoint)
+from deepscale.runtime.dataloader import DeepScaleDataLoader
+from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_lr_scheduler_for, build_optimizer_for,
+                                            build_loss_scaler_for, cast_floating_inputs, reducer_dtypes)
+from deepscale.runtime.grad_reducer import GradientReducer
+from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
+from deepscale.runtime.step_reporter import StepReporter
+from deepscale.utils.logging import logger
+
+_COUNTER_NAMES = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+class Engine(torch.nn.Module):
+    """Trains a user's ``nn.Module`` with data parallelism and mixed precision.
+
+    Built by :func:`deepscale.initialize`; see its docstring for the arguments. The wrapped
+    model is ``engine.module``; ``engine(batch)`` calls it.
+    """
+
+    def __init__(self, model: torch.nn.Module, config, optimizer=None, model_parameters=None, lr_scheduler=None,
+                 training_data=None, collate_fn=None, mpu=None, dp_group=None):
+        super().__init__()
+        self._config = config
+        self._set_topology(mpu, dp_group)
+        self.device = get_accelerator().device(self.local_rank if get_accelerator().device_name() != "cpu" else None)
+        self.global_steps = self.global_samples = self.skipped_steps = self.micro_steps = 0
+        self._in_no_sync = False
+        self._boundary_override = None
+
+        model_dtype = torch.float16 if config.fp16_enabled else torch.bfloat16 if config.bf16_enabled else torch.float32
+        self.model_dtype = model_dtype
+        self.module = model
+        self.module.to(self.device)
+        broadcast_module_from_rank0(self.module, self.dp_group, self.dp_world_size)
+        # Masters are cloned before the model is cast, so they start from the fp32 weights.
+        basic = build_optimizer_for(optimizer, config, model, model_parameters)
+        self._precision_opt = None
+        if basic is not None:
+            self._precision_opt = PrecisionOptimizer(
+                basic, model_dtype=model_dtype, loss_scaler=build_loss_scaler_for(config),
+                clip_grad=config.gradient_clipping,
+                check_overflow=config.fp16_enabled or bool(getattr(config.bf16, "check_grad_overflow", False)))
+        if model_dtype != torch.float32:
+            self.module.to(dtype=model_dtype)
+
+        accum_dtype, comm_dtype = reducer_dtypes(config, model_dtype)
+        self._reducer = GradientReducer(
+            [p for p in self.module.parameters() if p.requires_grad], group=self.dp_group,
+            world_size=self.dp_world_size, bucket_numel=int(config.zero_optimization.reduce_bucket_size),
+            accum_dtype=accum_dtype, comm_dtype=comm_dtype,
+            predivide_factor=config.gradient_predivide_factor if config.prescale_gradients else 1.0)
+        self.lr_scheduler = build_lr_scheduler_for(lr_scheduler, config, basic)
+        self.training_dataloader = None
+        if training_data is not None:
+            self.training_dataloader = self.deepscale_io(training_data, collate_fn=collate_fn)
+        self._reporter = StepReporter(config, self)
+        logger.debug(f"engine ready: dp={self.dp_world_size} dtype={model_dtype} optimizer={self._precision_opt}")
+
+    def _set_topology(self, mpu, dp_group) -> None:
+        self.global_rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = dist.get_local_rank()
+        if mpu is not None:
+            self.dp_group = mpu.get_data_parallel_group()
+            self.dp_world_size = mpu.get_data_parallel_world_size()
+            self.dp_rank = mpu.get_data_parallel_rank()
+        else:
+            self.dp_group = dp_group
+            self.dp_world_size = dist.get_world_size(dp_group)
+            self.dp_rank = dist.get_rank(dp_group)
+        self.topology = ParallelTopology(dp=self.dp_world_size, world_size=None)
+
+    # --- configuration accessors ----------------------------------------------------------
+    @property
+    def config(self):
+        return self._config
+
+    def train_batch_size(self) -> int:
+        return self._config.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self._config.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        return self._config.gradient_accumulation_steps
+
+    def set_train_batch_size(self, train_batch_size: int) -> None:
+        """Change the global batch size by changing gradient accumulation steps."""
+        per_step = self.train_micro_batch_size_per_gpu() * self.dp_world_size
+        if train_batch_size % per_step:
+            raise ValueError(f"set_train_batch_size({train_batch_size}): must be a multiple of "
+                             f"train_micro_batch_size_per_gpu * data-parallel size = {per_step}")
+        self._config.gradient_accumulation_steps = train_batch_size // per_step
+        self._config.train_batch_size = train_batch_size
+
+    def fp16_enabled(self) -> bool:
+        return bool(self._config.fp16_enabled)
+
+    def bfloat16_enabled(self) -> bool:
+        return bool(self._config.bf16_enabled)
+
+    def zero_optimization_stage(self) -> int:
+        return self._config.zero_stage
+
+    def gradient_clipping(self) -> float:
+        return self._config.gradient_clipping
+
+    def steps_per_print(self) -> int:
+        return self._config.steps_per_print
+
+    def wall_clock_breakdown(self) -> bool:
+        return bool(self._config.wall_clock_breakdown)
+
+    @property
+    def optimizer(self):
+        """What ``initialize`` returns as the optimizer: the precision wrapper with fp16/bf16,
+        else the torch optimizer itself."""
+        if self._precision_opt is None:
+            return None
+        return self._precision_opt if self._precision_opt.uses_master_copies else self._precision_opt.optimizer
+
+    @property
+    def basic_optimizer(self):
+        return self._precision_opt.optimizer if self._precision_opt is not None else None
+
+    @property
+    def loss_scale(self) -> float:
+        return self._precision_opt.loss_scale if self._precision_opt is not None else 1.0
+
+    cur_scale = loss_scale
+
+    def get_lr(self):
+        """Current learning rate of each param group."""
+        if self._precision_opt is None:
+            return []
+        return [group["lr"] for group in self._precision_opt.param_groups]
+
+    def get_mom(self):
+        """Current momentum (SGD) or beta1 (Adam family) of each param group."""
+        if self._precision_opt is None:
+            return []
+        return [g.get("betas", (g.get("momentum"),))[0] for g in self._precision_opt.param_groups]
+
+    def get_global_grad_norm(self) -> Optional[float]:
+        """Global gradient norm of the last optimizer step (before clipping); None after an overflow."""
+        return self._precision_opt.last_grad_norm if self._precision_opt is not None else None
+
+    # --- data -----------------------------------------------------------------------------
+    def deepscale_io(self, dataset, batch_size: Optional[int] = None, collate_fn=None, num_local_io_workers=0,
+                     pin_memory: bool = False):
+        """A loader over this rank's shard of ``dataset`` with the engine's micro-batch size."""
+        return DeepScaleDataLoader(dataset, batch_size=batch_size or self.train_micro_batch_size_per_gpu(),
+                                   dp_rank=self.dp_rank, dp_world_size=self.dp_world_size, collate_fn=collate_fn,
+                                   drop_last=self._config.dataloader_drop_last, num_workers=num_local_io_workers,
+                                   pin_memory=pin_memory)
+
+    deepspeed_io = deepscale_io
+
+    # --- training -------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        """Run the wrapped module; floating inputs are cast to the model dtype under fp16/bf16."""
+        self._reporter.start("forward")
+        if self.model_dtype != torch.float32 and self._auto_cast_inputs():
+            args, kwargs = cast_floating_inputs((args, kwargs), self.model_dtype)
+        out = self.module(*args, **kwargs)
+        self._reporter.stop("forward")
+        return out
+
+    def _auto_cast_inputs(self) -> bool:
+        # A bf16 model cannot consume fp32 activations, so bf16 always casts; fp16 casts when
+        # fp16.auto_cast is set, as in DeepSpeed.
+        return self._config.bf16_enabled or bool(getattr(self._config.fp16, "auto_cast", False))
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """True on the micro-step whose ``step()`` updates the weights."""
+        if self._boundary_override is not None:
+            return self._boundary_override
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        """Force the next boundary decision (pipeline schedules use this)."""
+        self._boundary_override = is_boundary
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Skip the gradient all-reduce inside this block; gradients accumulate locally."""
+        previous = self._in_no_sync
+        self._in_no_sync = True
+        try:
+            yield
+        finally:
+            self._in_no_sync = previous
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True):
+        """Backpropagate ``loss`` scaled by the loss scale and 1/gradient_accumulation_steps.
+
+        On the accumulation boundary, the averaged gradients are ready when this returns.
+        """
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise TypeError(f"engine.backward expects a scalar loss tensor, got "
+                            f"{type(loss).__name__}{tuple(loss.shape) if torch.is_tensor(loss) else ''}")
+        if not loss.requires_grad:
+            raise ValueError("engine.backward: the loss does not require grad; was it computed under no_grad() "
+                             "or from frozen parameters only?")
+        self._reporter.start("backward")
+        self._reporter.record_loss(loss)
+        boundary = self.is_gradient_accumulation_boundary()
+        self._reducer.sync_enabled = boundary and not self._in_no_sync
+        self._release_grad_views()
+        scale = self.loss_scale / (self.gradient_accumulation_steps() if scale_wrt_gas else 1)
+        (loss.float() * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+        if boundary and not self._in_no_sync:
+            self._reducer.finalize()
+            self._expose_grads()
+        else:
+            self._reducer.end_micro_step()
+        self._reporter.stop("backward")
+        return loss
+
+    def _release_grad_views(self) -> None:
+        # A param.grad left pointing into the flat buffer would make autograd accumulate into
+        # the buffer in place and the hook would then count it twice.
+        for param in self._reducer.params:
+            param.grad = None
+
+    def _expose_grads(self) -> None:
+        """Attach the averaged gradients to the optimizer's parameters (and to fp32 model params)."""
+        for param in self._reducer.params:
+            view = self._reducer.grad_view(param)
+            if self._precision_opt is not None and self._precision_opt.has_param(param):
+                self._precision_opt.set_master_grad(param, view)
+            elif view.dtype == param.dtype:
+                param.grad = view
+
+    def step(self, lr_kwargs=None) -> None:
+        """Update the weights at the accumulation boundary; otherwise only count the micro-step."""
+        if self._in_no_sync:
+            raise RuntimeError("engine.step() was called inside engine.no_sync(); leave the no_sync block for the "
+                               "step that should apply the accumulated gradients")
+        self._reporter.start("step")
+        boundary = self.is_gradient_accumulation_boundary()
+        if boundary:
+            if self._precision_opt is None:
+                raise RuntimeError("engine.step(): no optimizer was configured; pass optimizer= to initialize() or "
+                                   "add an 'optimizer' section to the config")
+            applied = self._precision_opt.step(grad_norm=torch.linalg.vector_norm(self._reducer.buffer, 2.0,
+                                                                                   dtype=torch.float32))
+            if applied:
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step(**(lr_kwargs or {}))
+            else:
+                self.skipped_steps += 1
+            self.zero_grad()
+            self.global_steps += 1
+            self.global_samples += self.train_batch_size()
+        self.micro_steps += 1
+        self._boundary_override = None
+        self._reporter.stop("step")
+        if boundary:
+            self._reporter.after_step()
+
+    def zero_grad(self) -> None:
+        """Clear accumulated gradients (``step()`` does this after every update)."""
+        self._reducer.zero()
+        if self._precision_opt is not None:
+            self._precision_opt.zero_grad()
+        for param in self._reducer.params:
+            param.grad = None
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def _engine_state(self) -> EngineState:
+        return EngineState(module=self.module, optimizer=self._precision_opt, lr_scheduler=self.lr_scheduler,
+                           counters={name: getattr(self, name) for name in _COUNTER_NAMES},
+                           config=getattr(self._config, "raw", None), dp_world_size=self.dp_world_size,
+                           zero_stage=self._config.zero_stage)
+
+    def save_checkpoint(self, save_dir: str, tag=None, client_state=None, save_latest: bool = True,
+                        exclude_frozen_parameters: bool = False) -> bool:
+        """Save everything needed to resume into ``save_dir/tag`` (default tag ``global_step{N}``).
+
+        The write is atomic: a crash leaves the previous checkpoint intact and ``latest``
+        pointing at it. ``client_state`` (a dict) comes back from :meth:`load_checkpoint`.
+        """
+        if client_state is not None and not isinstance(client_state, dict):
+            raise TypeError(f"save_checkpoint: client_state must be a dict, got {type(client_state).__name__}")
+        if self._reducer.has_pending_grads:
+            logger.warning("save_checkpoint inside a gradient accumulation window: gradients accumulated so far "
+                           "are not saved")
+        tag = f"global_step{self.global_steps}" if tag is None else str(tag)
+        save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest)
+        return True
+
+    def load_checkpoint(self, load_dir: str, tag=None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, custom_load_fn=None):
+        """Restore a checkpoint; returns ``(load_path, client_state)`` or ``(None, None)`` if none exists."""
+        if custom_load_fn is not None:
+            raise ValueError("load_checkpoint: custom_load_fn is not supported by deepscale; load the module "
+                             "state yourself from the returned path instead")
+        path = resolve_checkpoint(os.fspath(load_dir), tag)
+        if path is None:
+            return None, None
+        counters, client_state = load_engine_checkpoint(
+            self._engine_state(), path, load_module_strict=load_module_strict,
+            load_optimizer_states=load_optimizer_states, load_lr_scheduler_states=load_lr_scheduler_states,
+            load_module_only=load_module_only)
+        for name in _COUNTER_NAMES:
+            if name in counters:
+                setattr(self, name, int(counters[name]))
+        self.zero_grad()
+        return path, client_state
+
+    # --- teardown -------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Remove the engine's hooks from the model and free its buffers."""
+        self._reducer.remove_hooks()
+        self._reducer.buffer = torch.empty(0)

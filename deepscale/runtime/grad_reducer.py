@@ -1,0 +1,156 @@
+"""Data-parallel gradient averaging in buckets, overlapped with backward.
+
+Note: how gradients flow. Each trainable parameter owns a slice of one flat buffer in the
+accumulation dtype (fp32 unless configured). A post-accumulate-grad hook adds the fresh
+gradient into that slice and frees ``param.grad``, so micro-batches accumulate in full
+precision even for bf16/fp16 models. The flat buffer is cut into buckets of about
+``bucket_numel`` elements in reverse parameter order (roughly the order backward produces
+them). On the last micro-batch of an accumulation window, a bucket whose parameters have all
+reported is all-reduced asynchronously while backward goes on. Buckets are launched strictly
+in index order on every rank: ranks that see different unused parameters would otherwise
+issue collectives in different orders and mismatch. ``finalize()`` launches whatever is left
+(buckets holding parameters that got no gradient this step), waits for all and divides by the
+data-parallel size. This is the bucketing scheme of PyTorch DDP (Li et al. 2020, "PyTorch
+Distributed: Experiences on Accelerating Data Parallel Training").
+"""
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from deepscale import comm as dist
+
+
+class _Bucket:
+    __slots__ = ("index", "start", "end", "params", "num_ready", "handle", "comm_tensor")
+
+    def __init__(self, index: int, start: int, end: int, params: List[torch.nn.Parameter]):
+        self.index, self.start, self.end, self.params = index, start, end, params
+        self.num_ready = 0
+        self.handle = None
+        self.comm_tensor = None
+
+
+class GradientReducer:
+    """Owns the flat gradient buffer of a set of parameters and averages it across ranks.
+
+    Args:
+        params: trainable parameters, in registration order.
+        group: data-parallel process group (``None``: the default group).
+        world_size: size of ``group``.
+        bucket_numel: elements per all-reduce bucket. Default 25M (about 100 MB of fp32).
+        accum_dtype: dtype of the flat gradient buffer. Default float32.
+        comm_dtype: dtype on the wire; default ``accum_dtype``.
+        predivide_factor: divide by this before the all-reduce and by ``world_size /
+            predivide_factor`` after (guards fp16 sums against overflow). Default 1.0.
+    """
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], group=None, world_size: int = 1,
+                 bucket_numel: int = 25_000_000, accum_dtype: torch.dtype = torch.float32,
+                 comm_dtype: Optional[torch.dtype] = None, predivide_factor: float = 1.0):
+        if bucket_numel < 1:
+            raise ValueError(f"reduce_bucket_size must be a positive number of elements, got {bucket_numel}")
+        self.params = [p for p in params if p.requires_grad]
+        self.group, self.world_size = group, world_size
+        self.comm_dtype = comm_dtype or accum_dtype
+        self.predivide_factor = float(predivide_factor)
+        device = self.params[0].device if self.params else torch.device("cpu")
+        total = sum(p.numel() for p in self.params)
+        self.buffer = torch.zeros(total, dtype=accum_dtype, device=device)
+        self._views: Dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._bucket_of: Dict[torch.nn.Parameter, _Bucket] = {}
+        self.buckets = self._build_buckets(bucket_numel)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
+        self.sync_enabled = True  # engine sets False outside the accumulation boundary
+        self._next_to_launch = 0
+        self._pending = False  # a backward has written into the buffer since the last finalize
+
+    # --- layout ---------------------------------------------------------------------------
+    def _build_buckets(self, bucket_numel: int) -> List[_Bucket]:
+        buckets, current, start, offset = [], [], 0, 0
+        for param in reversed(self.params):
+            n = param.numel()
+            self._views[param] = self.buffer[offset:offset + n].view(param.shape)
+            current.append(param)
+            offset += n
+            if offset - start >= bucket_numel:
+                buckets.append(_Bucket(len(buckets), start, offset, current))
+                current, start = [], offset
+        if current:
+            buckets.append(_Bucket(len(buckets), start, offset, current))
+        for bucket in buckets:
+            for param in bucket.params:
+                self._bucket_of[param] = bucket
+        return buckets
+
+    def grad_view(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """The slice of the flat buffer holding ``param``'s gradient (shaped like it)."""
+        return self._views[param]
+
+    # --- backward -------------------------------------------------------------------------
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        grad = param.grad
+        if grad is None:
+            return
+        self._views[param].add_(grad)
+        param.grad = None
+        self._pending = True
+        bucket = self._bucket_of[param]
+        bucket.num_ready += 1
+        if self.sync_enabled and self.world_size > 1:
+            self._launch_ready_buckets()
+
+    def _launch_ready_buckets(self) -> None:
+        while self._next_to_launch < len(self.buckets):
+            bucket = self.buckets[self._next_to_launch]
+            if bucket.num_ready < len(bucket.params):
+                return
+            self._launch(bucket)
+
+    def _launch(self, bucket: _Bucket) -> None:
+        flat = self.buffer[bucket.start:bucket.end]
+        if self.predivide_factor != 1.0:
+            flat.div_(self.predivide_factor)
+        tensor = flat if self.comm_dtype == flat.dtype else flat.to(self.comm_dtype)
+        bucket.comm_tensor = tensor
+        bucket.handle = dist.all_reduce(tensor, group=self.group, async_op=True)
+        self._next_to_launch = bucket.index + 1
+
+    def finalize(self) -> None:
+        """Finish the all-reduce of every bucket and average; call after the boundary backward."""
+        if self.world_size > 1:
+            for bucket in self.buckets[self._next_to_launch:]:
+                self._launch(bucket)
+            post_scale = self.predivide_factor / self.world_size
+            for bucket in self.buckets:
+                bucket.handle.wait()
+                flat = self.buffer[bucket.start:bucket.end]
+                if bucket.comm_tensor is not flat:
+                    flat.copy_(bucket.comm_tensor)
+                flat.mul_(post_scale)
+                bucket.handle = bucket.comm_tensor = None
+        self._reset_counters()
+        self._pending = False
+
+    def end_micro_step(self) -> None:
+        """Forget per-backward readiness after a non-boundary backward (no communication)."""
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        for bucket in self.buckets:
+            bucket.num_ready = 0
+        self._next_to_launch = 0
+
+    @property
+    def has_pending_grads(self) -> bool:
+        return self._pending
+
+    def zero(self) -> None:
+        """Clear the accumulated gradients."""
+        self.buffer.zero_()
+        self._reset_counters()
+        self._pending = False
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
