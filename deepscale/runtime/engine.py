@@ -18,8 +18,7 @@ from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_en
 from deepscale.runtime.dataloader import DeepScaleDataLoader
 from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_lr_scheduler_for, build_optimizer_for,
                                             build_loss_scaler_for, cast_floating_inputs, reducer_dtypes)
-from deepscale.runtime.grad_reducer import GradientReducer
-from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
+from deepscale.runtime.dp_optimizer import DataParallelOptimizer
 from deepscale.runtime.step_reporter import StepReporter
 from deepscale.utils.logging import logger
 
@@ -50,27 +49,24 @@ class Engine(torch.nn.Module):
         broadcast_module_from_rank0(self.module, self.dp_group, self.dp_world_size)
         # Masters are cloned before the model is cast, so they start from the fp32 weights.
         basic = build_optimizer_for(optimizer, config, model, model_parameters)
-        self._precision_opt = None
-        if basic is not None:
-            self._precision_opt = PrecisionOptimizer(
-                basic, model_dtype=model_dtype, loss_scaler=build_loss_scaler_for(config),
-                clip_grad=config.gradient_clipping,
-                check_overflow=config.fp16_enabled or bool(getattr(config.bf16, "check_grad_overflow", False)))
+        accum_dtype, comm_dtype = reducer_dtypes(config, model_dtype)
+        self._train_opt = DataParallelOptimizer(
+            self.module, basic, model_dtype=model_dtype, loss_scaler=build_loss_scaler_for(config),
+            clip_grad=config.gradient_clipping,
+            check_overflow=config.fp16_enabled or bool(getattr(config.bf16, "check_grad_overflow", False)),
+            group=self.dp_group, world_size=self.dp_world_size,
+            bucket_numel=int(config.zero_optimization.reduce_bucket_size), accum_dtype=accum_dtype,
+            comm_dtype=comm_dtype,
+            predivide_factor=config.gradient_predivide_factor if config.prescale_gradients else 1.0)
         if model_dtype != torch.float32:
             self.module.to(dtype=model_dtype)
-
-        accum_dtype, comm_dtype = reducer_dtypes(config, model_dtype)
-        self._reducer = GradientReducer(
-            [p for p in self.module.parameters() if p.requires_grad], group=self.dp_group,
-            world_size=self.dp_world_size, bucket_numel=int(config.zero_optimization.reduce_bucket_size),
-            accum_dtype=accum_dtype, comm_dtype=comm_dtype,
-            predivide_factor=config.gradient_predivide_factor if config.prescale_gradients else 1.0)
+        self._train_opt.attach()
         self.lr_scheduler = build_lr_scheduler_for(lr_scheduler, config, basic)
         self.training_dataloader = None
         if training_data is not None:
             self.training_dataloader = self.deepscale_io(training_data, collate_fn=collate_fn)
         self._reporter = StepReporter(config, self)
-        logger.debug(f"engine ready: dp={self.dp_world_size} dtype={model_dtype} optimizer={self._precision_opt}")
+        logger.debug(f"engine ready: dp={self.dp_world_size} dtype={model_dtype} optimizer={basic}")
 
     def _set_topology(self, mpu, dp_group) -> None:
         self.global_rank = dist.get_rank()
@@ -131,35 +127,29 @@ class Engine(torch.nn.Module):
     def optimizer(self):
         """What ``initialize`` returns as the optimizer: the precision wrapper with fp16/bf16,
         else the torch optimizer itself."""
-        if self._precision_opt is None:
-            return None
-        return self._precision_opt if self._precision_opt.uses_master_copies else self._precision_opt.optimizer
+        return self._train_opt.user_optimizer
 
     @property
     def basic_optimizer(self):
-        return self._precision_opt.optimizer if self._precision_opt is not None else None
+        return self._train_opt.basic_optimizer
 
     @property
     def loss_scale(self) -> float:
-        return self._precision_opt.loss_scale if self._precision_opt is not None else 1.0
+        return self._train_opt.loss_scale
 
     cur_scale = loss_scale
 
     def get_lr(self):
         """Current learning rate of each param group."""
-        if self._precision_opt is None:
-            return []
-        return [group["lr"] for group in self._precision_opt.param_groups]
+        return [group["lr"] for group in self._train_opt.param_groups]
 
     def get_mom(self):
         """Current momentum (SGD) or beta1 (Adam family) of each param group."""
-        if self._precision_opt is None:
-            return []
-        return [g.get("betas", (g.get("momentum"),))[0] for g in self._precision_opt.param_groups]
+        return [g.get("betas", (g.get("momentum"),))[0] for g in self._train_opt.param_groups]
 
     def get_global_grad_norm(self) -> Optional[float]:
         """Global gradient norm of the last optimizer step (before clipping); None after an overflow."""
-        return self._precision_opt.last_grad_norm if self._precision_opt is not None else None
+        return self._train_opt.last_grad_norm
 
     # --- data -----------------------------------------------------------------------------
     def deepscale_io(self, dataset, batch_size: Optional[int] = None, collate_fn=None, num_local_io_workers=0,
@@ -176,16 +166,12 @@ class Engine(torch.nn.Module):
     def forward(self, *args, **kwargs):
         """Run the wrapped module; floating inputs are cast to the model dtype under fp16/bf16."""
         self._reporter.start("forward")
-        if self.model_dtype != torch.float32 and self._auto_cast_inputs():
+        # A half/bf16 model cannot consume fp32 activations; integer inputs (token ids) are left alone.
+        if self.model_dtype != torch.float32:
             args, kwargs = cast_floating_inputs((args, kwargs), self.model_dtype)
         out = self.module(*args, **kwargs)
         self._reporter.stop("forward")
         return out
-
-    def _auto_cast_inputs(self) -> bool:
-        # A bf16 model cannot consume fp32 activations, so bf16 always casts; fp16 casts when
-        # fp16.auto_cast is set, as in DeepSpeed.
-        return self._config.bf16_enabled or bool(getattr(self._config.fp16, "auto_cast", False))
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """True on the micro-step whose ``step()`` updates the weights."""
@@ -220,33 +206,13 @@ class Engine(torch.nn.Module):
                              "or from frozen parameters only?")
         self._reporter.start("backward")
         self._reporter.record_loss(loss)
-        boundary = self.is_gradient_accumulation_boundary()
-        self._reducer.sync_enabled = boundary and not self._in_no_sync
-        self._release_grad_views()
+        sync = self.is_gradient_accumulation_boundary() and not self._in_no_sync
+        self._train_opt.prepare_backward(sync)
         scale = self.loss_scale / (self.gradient_accumulation_steps() if scale_wrt_gas else 1)
         (loss.float() * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
-        if boundary and not self._in_no_sync:
-            self._reducer.finalize()
-            self._expose_grads()
-        else:
-            self._reducer.end_micro_step()
+        self._train_opt.finish_backward(sync)
         self._reporter.stop("backward")
         return loss
-
-    def _release_grad_views(self) -> None:
-        # A param.grad left pointing into the flat buffer would make autograd accumulate into
-        # the buffer in place and the hook would then count it twice.
-        for param in self._reducer.params:
-            param.grad = None
-
-    def _expose_grads(self) -> None:
-        """Attach the averaged gradients to the optimizer's parameters (and to fp32 model params)."""
-        for param in self._reducer.params:
-            view = self._reducer.grad_view(param)
-            if self._precision_opt is not None and self._precision_opt.has_param(param):
-                self._precision_opt.set_master_grad(param, view)
-            elif view.dtype == param.dtype:
-                param.grad = view
 
     def step(self, lr_kwargs=None) -> None:
         """Update the weights at the accumulation boundary; otherwise only count the micro-step."""
@@ -256,11 +222,7 @@ class Engine(torch.nn.Module):
         self._reporter.start("step")
         boundary = self.is_gradient_accumulation_boundary()
         if boundary:
-            if self._precision_opt is None:
-                raise RuntimeError("engine.step(): no optimizer was configured; pass optimizer= to initialize() or "
-                                   "add an 'optimizer' section to the config")
-            applied = self._precision_opt.step(grad_norm=torch.linalg.vector_norm(self._reducer.buffer, 2.0,
-                                                                                   dtype=torch.float32))
+            applied = self._train_opt.step()
             if applied:
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step(**(lr_kwargs or {}))
@@ -277,15 +239,11 @@ class Engine(torch.nn.Module):
 
     def zero_grad(self) -> None:
         """Clear accumulated gradients (``step()`` does this after every update)."""
-        self._reducer.zero()
-        if self._precision_opt is not None:
-            self._precision_opt.zero_grad()
-        for param in self._reducer.params:
-            param.grad = None
+        self._train_opt.zero_grad()
 
     # --- checkpoints ----------------------------------------------------------------------
     def _engine_state(self) -> EngineState:
-        return EngineState(module=self.module, optimizer=self._precision_opt, lr_scheduler=self.lr_scheduler,
+        return EngineState(module=self.module, optimizer=self._train_opt, lr_scheduler=self.lr_scheduler,
                            counters={name: getattr(self, name) for name in _COUNTER_NAMES},
                            config=getattr(self._config, "raw", None), dp_world_size=self.dp_world_size,
                            zero_stage=self._config.zero_stage)
@@ -299,7 +257,7 @@ class Engine(torch.nn.Module):
         """
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"save_checkpoint: client_state must be a dict, got {type(client_state).__name__}")
-        if self._reducer.has_pending_grads:
+        if self._train_opt.has_pending_grads:
             logger.warning("save_checkpoint inside a gradient accumulation window: gradients accumulated so far "
                            "are not saved")
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
@@ -329,5 +287,4 @@ class Engine(torch.nn.Module):
     # --- teardown -------------------------------------------------------------------------
     def destroy(self) -> None:
         """Remove the engine's hooks from the model and free its buffers."""
-        self._reducer.remove_hooks()
-        self._reducer.buffer = torch.empty(0)
+        self._train_opt.destroy()

@@ -32,7 +32,7 @@ class EngineState:
     """The pieces of an engine a checkpoint carries; the engine fills and consumes it."""
 
     module: torch.nn.Module
-    optimizer: Any = None  # PrecisionOptimizer or None
+    optimizer: Any = None  # the engine's training optimizer (see runtime/dp_optimizer.py)
     lr_scheduler: Any = None
     counters: Dict[str, int] = field(default_factory=dict)
     config: Optional[dict] = None
@@ -111,8 +111,8 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
         _reseed_masters(state, saved["module"])
         return {}, saved.get("client_state", {})
     if state.optimizer is not None:
-        if saved.get("optimizer") is not None and load_optimizer_states:
-            state.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("optimizer") is not None:
+            state.optimizer.load_state_dict(saved["optimizer"], load_optimizer_states=load_optimizer_states)
         else:
             _reseed_masters(state, saved["module"])
     if state.lr_scheduler is not None and load_lr_scheduler_states and saved.get("lr_scheduler") is not None:
@@ -122,14 +122,8 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
 
 
 def _reseed_masters(state: EngineState, module_sd: dict) -> None:
-    """Set fp32 masters from the saved weights (full precision when they were saved in fp32)."""
-    optimizer = state.optimizer
-    if optimizer is None or not optimizer.uses_master_copies:
-        return
-    with torch.no_grad():
-        for name, param in state.module.named_parameters():
-            if optimizer.has_param(param) and name in module_sd:
-                optimizer.master_of(param).copy_(module_sd[name].float())
+    if state.optimizer is not None:
+        state.optimizer.reseed_masters(state.module, module_sd)
 
 
 def _load_rng(path: str, saved_world_size: Optional[int]) -> None:

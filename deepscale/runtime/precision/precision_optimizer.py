@@ -17,7 +17,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from deepscale.utils.logging import logger
 
 
 class PrecisionOptimizer:
@@ -130,7 +129,6 @@ class PrecisionOptimizer:
             self.loss_scaler.update_scale(overflow)
         if overflow:
             self._grad_norm = None
-            logger.info(f"gradient overflow: skipping this step; loss scale is now {self.loss_scale:g}")
             self.zero_grad()
             return False
         coef = 1.0 / scale
