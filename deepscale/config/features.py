@@ -16,7 +16,7 @@ in the same change.
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 from pydantic import BaseModel
 
@@ -37,6 +37,9 @@ class UnavailableFeature:
         feature: what is missing, e.g. ``"ZeRO stage 3"``.
         hint: how to run without it.
         label: key path shown to the user when it differs from ``key``. Default None.
+        scope: dotted path of the settings that only matter once the feature
+            exists (documented as "parsed only"). Default: the parent section
+            for ``*.enabled`` keys, otherwise ``key`` itself.
     """
 
     key: str
@@ -44,6 +47,14 @@ class UnavailableFeature:
     feature: str
     hint: str
     label: Optional[str] = None
+    scope: Optional[str] = None
+
+    @property
+    def scope_path(self) -> str:
+        """The resolved ``scope``."""
+        if self.scope is not None:
+            return self.scope
+        return self.key.rsplit(".", 1)[0] if self.key.endswith(".enabled") else self.key
 
 
 def _on(value) -> bool:
@@ -76,9 +87,9 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("zero_optimization.stage", lambda v: v == 3 and v not in AVAILABLE_ZERO_STAGES,
                        "ZeRO stage 3", "use stage 0"),
     UnavailableFeature("zero_optimization.offload_optimizer.device", _offloaded, "ZeRO-Offload of optimizer states",
-                       "set it to 'none' or remove offload_optimizer"),
+                       "set it to 'none' or remove offload_optimizer", scope="zero_optimization.offload_optimizer"),
     UnavailableFeature("zero_optimization.offload_param.device", _offloaded, "ZeRO-Offload of parameters",
-                       "set it to 'none' or remove offload_param"),
+                       "set it to 'none' or remove offload_param", scope="zero_optimization.offload_param"),
     _section("zero_optimization.zenflow", "ZenFlow offloading"),
     _off("fp16.fp16_master_weights_and_grads", "fp16 master weights (ZeRO stage 1-3)"),
     _off("bf16.bf16_master_weights_and_grads", "bf16 master weights (ZeRO stage 1-3)"),
@@ -89,7 +100,7 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("tensor_parallel.autotp_size", _above_one, "automatic tensor parallelism (AutoTP)",
                        "set it to 0"),
     UnavailableFeature("tensor_parallel.tensor_parallel.tp_size", _above_one, "tensor parallelism", "set it to 1",
-                       label="tensor_parallel.tp.tp_size"),
+                       label="tensor_parallel.tp.tp_size", scope="tensor_parallel.tensor_parallel"),
     UnavailableFeature("sequence_parallel_size", _above_one, "sequence parallelism (Ulysses)", "set it to 1"),
     _off("hybrid_engine.enabled", "the hybrid engine"),
     _off("tensorboard.enabled", "the TensorBoard monitor"),
@@ -97,8 +108,8 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     _off("csv_monitor.enabled", "the CSV monitor"),
     _off("comet.enabled", "the Comet monitor"),
     _off("flops_profiler.enabled", "the flops profiler"),
-    *[_off(f"compression_training.{t}.shared_parameters.enabled", f"compression training ({t})")
-      for t in COMPRESSION_TECHNIQUES],
+    *[UnavailableFeature(f"compression_training.{t}.shared_parameters.enabled", _on, f"compression training ({t})",
+                         "set it to false", scope="compression_training") for t in COMPRESSION_TECHNIQUES],
     _off("compression_training.layer_reduction.enabled", "compression training (layer_reduction)"),
     _off("quantize_training.enabled", "MoQ quantization-aware training"),
     UnavailableFeature("weight_quantization.enabled", _on, "weight quantization",
@@ -136,8 +147,9 @@ class TuningOnlyKeys:
 
 
 TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
+    # The data-parallel gradient reducer buckets by reduce_bucket_size at every stage.
     TuningOnlyKeys("zero_optimization", "it only tunes ZeRO stages 1-3 and zero_optimization.stage is 0",
-                   except_keys=("stage",), applies=lambda cfg: cfg.zero_optimization.stage == 0),
+                   except_keys=("stage", "reduce_bucket_size"), applies=lambda cfg: cfg.zero_optimization.stage == 0),
     TuningOnlyKeys("aio", "asynchronous NVMe I/O (aio) is not built yet"),
     TuningOnlyKeys("activation_checkpointing", "deepscale.checkpointing (activation checkpointing) is not built yet"),
     TuningOnlyKeys("comms_logger", "the communication logger is not built yet"),
@@ -235,11 +247,3 @@ def check_feature_availability(cfg, warn: bool = True) -> List[str]:
                      level=logging.WARNING)
     return [path for path, _ in ignored]
 
-
-def feature_table() -> Dict[str, List[str]]:
-    """The tables as plain text, for docs and ``deepscale report``-style listings."""
-    return {
-        "not_available": [f"{r.label or r.key}: {r.feature}" for r in UNAVAILABLE_FEATURES],
-        "accepted_with_warning": [f"{r.section or '(top level)'}: {', '.join(r.keys) or 'all keys'} - {r.reason}"
-                                  for r in TUNING_ONLY_KEYS],
-    }
