@@ -1,0 +1,241 @@
+// Worker pool and request bookkeeping of the async I/O engine (see aio_engine.h).
+#include "aio_engine.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+namespace deepscale {
+namespace aio {
+
+namespace {
+
+int64_t round_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+void finish_job(const Job& job) {
+    Request& r = *job.request;
+    if (r.pending_jobs.fetch_sub(1) != 1) return;
+    // Last job of the request: a padded write may have grown the file past its real size.
+    if (!r.is_read && r.padded_tail.load() && r.error.load() == 0 && r.original_size <= r.file_offset + r.nbytes) {
+        if (ftruncate(r.fd, r.file_offset + r.nbytes) != 0) r.error.store(errno);
+    }
+    close(r.fd);
+    {
+        std::lock_guard<std::mutex> lock(r.mutex);
+        r.done = true;
+    }
+    r.done_cv.notify_all();
+}
+
+}  // namespace
+
+Worker::Worker(int64_t block_size, int queue_depth, bool single_submit)
+    : block_size_(block_size), queue_depth_(queue_depth), single_submit_(single_submit) {
+    int rc = io_setup(queue_depth_, &ctx_);
+    if (rc < 0) throw std::runtime_error(std::string("io_setup failed: ") + std::strerror(-rc));
+    for (int i = 0; i < queue_depth_; ++i) {
+        void* mem = nullptr;
+        if (posix_memalign(&mem, kAlign, static_cast<size_t>(block_size_)) != 0) throw std::bad_alloc();
+        bounce_.push_back(static_cast<char*>(mem));
+    }
+    thread_ = std::thread([this] { loop(); });
+}
+
+Worker::~Worker() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+    io_destroy(ctx_);
+    for (char* b : bounce_) free(b);
+}
+
+void Worker::enqueue(Job job) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        queue_.push_back(std::move(job));
+    }
+    cv_.notify_one();
+}
+
+void Worker::loop() {
+    for (;;) {
+        Job job;
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+            if (queue_.empty()) return;  // stop requested and nothing left
+            job = std::move(queue_.front());
+            queue_.pop_front();
+        }
+        run_job(job);
+        finish_job(job);
+    }
+}
+
+// Prepares one block; returns false (and records the error) if it cannot be submitted.
+bool Worker::submit_block(const Job& job, int64_t block, Slot* slot) {
+    Request& r = *job.request;
+    slot->offset = block * block_size_;
+    slot->length = std::min(block_size_, r.nbytes - slot->offset);
+    char* user = r.buffer + slot->offset;
+    const bool aligned = reinterpret_cast<uintptr_t>(user) % kAlign == 0 && slot->length % kAlign == 0;
+    slot->bounced = r.direct && !aligned;
+    int64_t io_length = slot->bounced ? round_up(slot->length, kAlign) : slot->length;
+    char* io_buffer = slot->bounced ? slot->bounce : user;
+    if (slot->bounced && !r.is_read) {
+        std::memcpy(io_buffer, user, static_cast<size_t>(slot->length));
+        std::memset(io_buffer + slot->length, 0, static_cast<size_t>(io_length - slot->length));
+        if (io_length != slot->length) r.padded_tail.store(true);
+    }
+    if (r.is_read)
+        io_prep_pread(&slot->cb, r.fd, io_buffer, static_cast<size_t>(io_length), r.file_offset + slot->offset);
+    else
+        io_prep_pwrite(&slot->cb, r.fd, io_buffer, static_cast<size_t>(io_length), r.file_offset + slot->offset);
+    slot->cb.data = slot;
+    return true;
+}
+
+void Worker::complete(const Job& job, Slot* slot, long result) {
+    Request& r = *job.request;
+    if (result < 0) {
+        r.error.store(static_cast<int>(-result));
+        return;
+    }
+    // A read may return more than `length` (padding past the end) but never less; a write
+    // that comes back short means the device is full.
+    if (result < slot->length) {
+        r.error.store(r.is_read ? EIO : ENOSPC);
+        return;
+    }
+    if (slot->bounced && r.is_read) std::memcpy(r.buffer + slot->offset, slot->bounce, static_cast<size_t>(slot->length));
+}
+
+void Worker::run_job(const Job& job) {
+    std::vector<Slot> slots(static_cast<size_t>(queue_depth_));
+    std::vector<Slot*> free_slots;
+    for (int i = 0; i < queue_depth_; ++i) {
+        slots[i].bounce = bounce_[i];
+        free_slots.push_back(&slots[i]);
+    }
+    std::vector<struct io_event> events(static_cast<size_t>(queue_depth_));
+    std::vector<struct iocb*> batch;
+    int64_t next = job.first_block, end = job.first_block + job.num_blocks;
+    int in_flight = 0;
+    Request& r = *job.request;
+    while (next < end || in_flight > 0) {
+        // Fill the queue (stop issuing new blocks once the request has failed).
+        batch.clear();
+        while (next < end && !free_slots.empty() && r.error.load() == 0) {
+            Slot* slot = free_slots.back();
+            free_slots.pop_back();
+            submit_block(job, next++, slot);
+            batch.push_back(&slot->cb);
+            if (single_submit_) break;
+        }
+        if (!batch.empty()) {
+            int rc = io_submit(ctx_, static_cast<long>(batch.size()), batch.data());
+            if (rc < 0) {
+                r.error.store(-rc);
+                for (auto* cb : batch) free_slots.push_back(static_cast<Slot*>(cb->data));
+                next = end;
+            } else {
+                in_flight += rc;
+                for (size_t i = static_cast<size_t>(rc); i < batch.size(); ++i)  // partial submit: retry later
+                    free_slots.push_back(static_cast<Slot*>(batch[i]->data)), --next;
+            }
+        }
+        if (r.error.load() != 0) next = end;
+        if (in_flight == 0) continue;
+        int got = io_getevents(ctx_, 1, queue_depth_, events.data(), nullptr);
+        if (got < 0) {
+            if (got == -EINTR) continue;
+            r.error.store(-got);
+            break;  // the context is unusable; abandoning in-flight blocks is the only option
+        }
+        for (int i = 0; i < got; ++i) {
+            Slot* slot = static_cast<Slot*>(events[i].data);
+            complete(job, slot, static_cast<long>(events[i].res));
+            free_slots.push_back(slot);
+            --in_flight;
+        }
+    }
+}
+
+Engine::Engine(int64_t block_size, int queue_depth, bool single_submit, bool overlap_events, int num_threads,
+               bool use_direct)
+    : block_size_(block_size), queue_depth_(queue_depth), single_submit_(single_submit),
+      overlap_events_(overlap_events), use_direct_(use_direct) {
+    if (block_size <= 0 || block_size % kAlign != 0)
+        throw std::invalid_argument("block_size must be a positive multiple of 4096");
+    if (queue_depth < 1) throw std::invalid_argument("queue_depth must be >= 1");
+    if (num_threads < 1) throw std::invalid_argument("thread_count must be >= 1");
+    for (int i = 0; i < num_threads; ++i) workers_.emplace_back(new Worker(block_size, queue_depth, single_submit));
+}
+
+Engine::~Engine() { workers_.clear(); }
+
+int64_t Engine::submit(bool is_read, int64_t buffer, int64_t nbytes, const std::string& path, int64_t file_offset) {
+    auto r = std::make_shared<Request>();
+    r->is_read = is_read;
+    r->buffer = reinterpret_cast<char*>(buffer);
+    r->nbytes = nbytes;
+    r->file_offset = file_offset;
+    r->path = path;
+    const int base = is_read ? O_RDONLY : (O_WRONLY | O_CREAT);
+    r->direct = use_direct_ && file_offset % kAlign == 0;
+    r->fd = open(path.c_str(), base | (r->direct ? O_DIRECT : 0), 0644);
+    if (r->fd < 0 && r->direct && errno == EINVAL) {  // the filesystem refuses O_DIRECT (tmpfs)
+        r->direct = false;
+        r->fd = open(path.c_str(), base, 0644);
+    }
+    if (r->fd < 0) return -static_cast<int64_t>(errno);
+    struct stat st;
+    r->original_size = fstat(r->fd, &st) == 0 ? st.st_size : 0;
+
+    const int64_t num_blocks = (nbytes + block_size_ - 1) / block_size_;
+    const int64_t num_jobs = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(workers_.size()), num_blocks));
+    r->pending_jobs.store(static_cast<int>(num_jobs));
+    int64_t id;
+    size_t first_worker;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        id = next_id_++;
+        requests_[id] = r;
+        first_worker = next_worker_;
+        next_worker_ = (next_worker_ + static_cast<size_t>(num_jobs)) % workers_.size();
+    }
+    // Contiguous runs of blocks per worker keep each worker's stream sequential on disk.
+    int64_t start = 0;
+    for (int64_t j = 0; j < num_jobs; ++j) {
+        int64_t count = num_blocks / num_jobs + (j < num_blocks % num_jobs ? 1 : 0);
+        workers_[(first_worker + static_cast<size_t>(j)) % workers_.size()]->enqueue(Job{r, start, count});
+        start += count;
+    }
+    return id;
+}
+
+int Engine::wait(int64_t id) {
+    std::shared_ptr<Request> r;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = requests_.find(id);
+        if (it == requests_.end()) throw std::invalid_argument("unknown or already waited request id " + std::to_string(id));
+        r = it->second;
+        requests_.erase(it);
+    }
+    std::unique_lock<std::mutex> lock(r->mutex);
+    r->done_cv.wait(lock, [&] { return r->done; });
+    return r->error.load();
+}
+
+}  // namespace aio
+}  // namespace deepscale

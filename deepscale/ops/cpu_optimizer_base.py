@@ -1,0 +1,174 @@
+"""Shared machinery of the CPU optimizers (Adam, Adagrad, Lion) that ZeRO-Offload runs.
+
+Parameters live in host memory as fp32, bf16 or fp16; optimizer states are fp32 (or the
+parameter dtype with ``fp32_optimizer_states=False``). One ``step`` hands every parameter of
+a group to the compiled kernel in a single call, which updates parameter and states in one
+pass and can write the new parameter as bf16/fp16 into a second buffer in the same pass
+(``fp16_param_groups``: the copy ZeRO-Offload sends back to the device).
+When the op cannot be built, the same update runs in PyTorch (fp32 math).
+"""
+import torch
+
+from deepscale.ops.op_loader import load_op
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _code(tensor):
+    return -1 if tensor is None else _DTYPE_CODE[tensor.dtype]
+
+
+def _ptr(tensor):
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+class CPUOptimizerBase(torch.optim.Optimizer):
+    """Base of the compiled CPU optimizers; subclasses set ``OP_NAME``/``STATE_NAMES`` and the math.
+
+    Args:
+        params: iterable of parameters or parameter-group dicts.
+        defaults: default hyperparameters of each group.
+        fp32_optimizer_states: keep states in fp32 for bf16/fp16 parameters. Default True.
+        num_threads: OpenMP threads of the kernel; None means ``torch.get_num_threads()``.
+    """
+
+    OP_NAME = ""
+    STATE_NAMES = ()
+
+    def __init__(self, params, defaults, fp32_optimizer_states=True, num_threads=None):
+        if num_threads is not None and (not isinstance(num_threads, int) or num_threads < 1):
+            raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+        super().__init__(params, defaults)
+        self.fp32_optimizer_states = bool(fp32_optimizer_states)
+        self.num_threads = num_threads
+        self._op = load_op(self.OP_NAME)
+
+    @property
+    def uses_compiled_op(self):
+        """True when steps run the compiled kernel, False on the PyTorch fallback."""
+        return self._op is not None
+
+    # --- subclass hooks --------------------------------------------------------------------
+    def _kernel_step(self, flat_slots, group, step, num_threads):
+        raise NotImplementedError
+
+    def _torch_step(self, param, grad, states, group, step):
+        """Update fp32 ``param`` and ``states`` in place (the fallback)."""
+        raise NotImplementedError
+
+    # --- checks ----------------------------------------------------------------------------
+    def _checked_grad(self, param):
+        if param.device.type != "cpu":
+            raise ValueError(f"{type(self).__name__} updates CPU parameters; got one on {param.device}")
+        if param.dtype not in _DTYPE_CODE:
+            raise TypeError(f"{type(self).__name__} supports float32, bfloat16 and float16 parameters, got {param.dtype}")
+        if not param.is_contiguous():
+            raise ValueError(f"{type(self).__name__} needs contiguous parameters (shape {tuple(param.shape)})")
+        grad = param.grad
+        if grad.is_sparse:
+            raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+        if grad.dtype not in (torch.float32, param.dtype):
+            grad = grad.float()
+        return grad.contiguous()
+
+    @staticmethod
+    def _checked_out(out, param):
+        if out is None:
+            return None
+        if out.dtype not in _HALF_DTYPES or out.device.type != "cpu" or not out.is_contiguous():
+            raise ValueError("fp16_param_groups tensors must be contiguous CPU bfloat16/float16 tensors, "
+                             f"got {out.dtype} on {out.device}")
+        if out.numel() != param.numel():
+            raise ValueError(f"fp16_param_groups tensor has {out.numel()} elements, its parameter {param.numel()}")
+        return out
+
+    def _init_state(self, param):
+        state = self.state[param]
+        if not state:
+            dtype = torch.float32 if self.fp32_optimizer_states else param.dtype
+            state["step"] = 0
+            for name in self.STATE_NAMES:
+                state[name] = torch.zeros(param.shape, dtype=dtype)
+        return state
+
+    def _out_lists(self, fp16_param_groups):
+        if fp16_param_groups is None:
+            return [None] * len(self.param_groups)
+        groups = list(fp16_param_groups)
+        if groups and isinstance(groups[0], torch.Tensor):  # a single flat list for a single group
+            groups = [groups]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"fp16_param_groups has {len(groups)} groups, the optimizer {len(self.param_groups)}")
+        return [list(g) for g in groups]
+
+    # --- the step --------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None, fp16_param_groups=None):
+        """Run one optimizer step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss. Default None.
+            fp16_param_groups: per parameter group, a list of bf16/fp16 CPU tensors (one per
+                parameter, same order) that receive the updated parameters in the same pass.
+                Default None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, outs in zip(self.param_groups, self._out_lists(fp16_param_groups)):
+            by_step = {}
+            for index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                grad = self._checked_grad(param)
+                out = self._checked_out(outs[index] if outs is not None else None, param)
+                state = self._init_state(param)
+                state["step"] += 1
+                states = [state[name] for name in self.STATE_NAMES]
+                by_step.setdefault(state["step"], []).append((param, grad, states, out))
+            for step, items in by_step.items():
+                self._apply(group, step, items)
+        return loss
+
+    def _apply(self, group, step, items):
+        if self._op is not None:
+            flat = []
+            for param, grad, states, out in items:
+                second = states[1] if len(states) > 1 else None
+                flat += [param.data_ptr(), grad.data_ptr(), states[0].data_ptr(), _ptr(second), _ptr(out),
+                         param.numel(), _code(param), _code(grad), _code(states[0]), _code(out)]
+            threads = self.num_threads or torch.get_num_threads()
+            self._kernel_step(flat, group, step, threads)
+            return
+        for param, grad, states, out in items:
+            p32, s32 = param.float(), [s.float() for s in states]
+            self._torch_step(p32, grad.float(), s32, group, step)
+            if p32.data_ptr() != param.data_ptr():
+                param.copy_(p32)
+            for s, s_new in zip(states, s32):
+                if s_new.data_ptr() != s.data_ptr():
+                    s.copy_(s_new)
+            if out is not None:
+                out.copy_(p32)
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def load_state_dict(self, state_dict):
+        """Load a state dict, keeping fp32 states fp32 even for half-precision parameters.
+
+        ``torch.optim.Optimizer`` casts floating-point state to the parameter dtype on load,
+        which would round fp32 moments of bf16 parameters to bf16.
+        """
+        saved = {key: {n: v.detach().clone() for n, v in entry.items() if isinstance(v, torch.Tensor)}
+                 for key, entry in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for key, param in zip(saved_group["params"], group["params"]):
+                for name, value in saved.get(key, {}).items():
+                    if name == "step":
+                        continue
+                    dtype = torch.float32 if self.fp32_optimizer_states else param.dtype
+                    self.state[param][name] = value.to(device=param.device, dtype=dtype).contiguous()
+                if "step" in self.state[param]:
+                    self.state[param]["step"] = int(self.state[param]["step"])
