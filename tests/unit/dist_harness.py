@@ -142,7 +142,7 @@ def _import_body_module(name, path):
 
 
 def _reset_state(num_threads):
-    """Give every body the same starting point: seeds, threads, default dtype."""
+    """Give every body the same starting point: seeds, threads, default dtype, grad mode."""
     import torch
     random.seed(0)
     torch.manual_seed(0)  # also seeds every CUDA device
@@ -153,6 +153,7 @@ def _reset_state(num_threads):
         pass
     torch.set_num_threads(num_threads)
     torch.set_default_dtype(torch.float32)
+    torch.set_grad_enabled(True)
 
 
 def _destroy_extra_groups():
@@ -173,7 +174,6 @@ def _run_task(message):
     sys_path, module_name, module_path, payload, num_threads = message
     sys.path[:] = sys_path
     environ, cwd = dict(os.environ), os.getcwd()
-    keep = True
     try:
         _import_body_module(module_name, module_path)
         fn, args, kwargs = pickle.loads(payload)
@@ -192,6 +192,10 @@ def _run_task(message):
         os.environ.clear()
         os.environ.update(environ)
         os.chdir(cwd)
+    if reply[0] == "error":
+        # The pool is replaced anyway; tearing groups down while peers may still be
+        # inside a collective on them could hang this rank (NCCL) and hide its error.
+        return reply[0], reply[1], False
     try:
         keep = _destroy_extra_groups()
     except Exception:  # noqa: BLE001 - a broken group set means this worker must be replaced
