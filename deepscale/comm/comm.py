@@ -77,6 +77,7 @@ def init_distributed(dist_backend: Optional[str] = None,
     if penv.world_size > 1 and penv.source in ("openmpi", "mpich", "slurm") and not penv.master_addr:
         logger.warning(f"{penv.source} launch without MASTER_ADDR: using {env_discovery.DEFAULT_MASTER_ADDR}; "
                        "set MASTER_ADDR to the first node's address for multi-node jobs")
+    lone = penv.world_size == 1 and init_method is None and "MASTER_PORT" not in os.environ
     env_discovery.export(penv, distributed_port)
     backend = dist_backend or get_accelerator().communication_backend_name()
     if backend == "nccl":
@@ -85,6 +86,11 @@ def init_distributed(dist_backend: Optional[str] = None,
         logger.info(f"initialising torch.distributed: backend={backend} rank={penv.rank} "
                     f"world_size={penv.world_size} master={os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} "
                     f"(from {penv.source} variables)")
+    if lone:
+        # A lone process needs no rendezvous: an in-memory store avoids claiming a TCP port that
+        # another single-process job on the machine may hold.
+        _dist.init_process_group(backend=backend, store=_dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
     _dist.init_process_group(backend=backend, init_method=init_method or "env://", timeout=timeout,
                              rank=penv.rank, world_size=penv.world_size)
 
