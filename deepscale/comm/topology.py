@@ -104,7 +104,17 @@ class ProcessGroups:
         self.rank = dist.get_rank()
         self._groups = {}
         axes = [a for a in AXIS_ORDER if topology.degrees[a] > 1] if axes is None else list(axes)
+        self._self_group = None
+        if any(topology.degrees[a] == 1 for a in axes) and topology.world_size > 1:
+            # Degree-1 axes get a group holding only this rank; every rank creates every one.
+            for r in range(topology.world_size):
+                group = dist.new_group(ranks=[r])
+                if r == self.rank:
+                    self._self_group = group
         for axis in axes:
+            if topology.degrees[axis] == 1:
+                self._groups[axis] = self._self_group
+                continue
             if topology.degrees[axis] == topology.world_size:
                 self._groups[axis] = None  # the whole world: use the default group
                 continue
@@ -115,8 +125,8 @@ class ProcessGroups:
 
     def group(self, axis: str):
         """The process group of this rank along ``axis`` (``None`` means the default group)."""
-        if self.topology.degrees[axis] == 1:
-            return _SingletonGroup.get()
+        if axis not in self._groups:
+            raise ValueError(f"no process group was built for axis {axis!r}; pass it in ProcessGroups(axes=...)")
         return self._groups[axis]
 
     def size(self, axis: str) -> int:
@@ -124,22 +134,3 @@ class ProcessGroups:
 
     def axis_rank(self, axis: str) -> int:
         return self.topology.coord(self.rank)[axis]
-
-
-class _SingletonGroup:
-    """A lazily created group that holds only this rank, for axes of degree 1."""
-
-    _group = None
-
-    @classmethod
-    def get(cls):
-        from deepscale import comm as dist
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return None
-        if cls._group is None:
-            # Every rank must take part in creating each singleton group.
-            for r in range(dist.get_world_size()):
-                group = dist.new_group(ranks=[r])
-                if r == dist.get_rank():
-                    cls._group = group
-        return cls._group

@@ -71,3 +71,21 @@ def test_topology_layout():
 def test_topology_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ParallelTopology(**kwargs)
+
+
+def _groups_body():
+    import deepscale.comm as dist
+    from deepscale.comm import ProcessGroups
+    topo = ParallelTopology(tp=2, world_size=dist.get_world_size())
+    groups = ProcessGroups(topo, axes=["dp", "tp", "pp"])
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t, group=groups.group("tp"))
+    p = torch.tensor([1.0])
+    dist.all_reduce(p, group=groups.group("pp"))  # degree 1: only this rank
+    return t.item(), p.item(), groups.axis_rank("dp"), groups.axis_rank("tp")
+
+
+def test_process_groups_per_axis():
+    results = run_distributed(_groups_body, 4)
+    # tp groups are [0,1] and [2,3]: sums 1 and 5; dp coordinate is rank // 2.
+    assert results == [(1.0, 1.0, 0, 0), (1.0, 1.0, 0, 1), (5.0, 1.0, 1, 0), (5.0, 1.0, 1, 1)]
