@@ -168,6 +168,11 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     TuningOnlyKeys("", "mixture-of-experts (MoE) is not built yet", keys=("use_data_before_expert_parallelism",)),
     TuningOnlyKeys("", "it only applies with ZeRO-Offload, which is not built yet",
                    keys=("zero_force_ds_cpu_optimizer",)),
+    TuningOnlyKeys("", "memory/state dumps are not implemented yet", keys=("memory_breakdown", "dump_state")),
+    TuningOnlyKeys("", "sparse embedding gradients are all-reduced densely in this version",
+                   keys=("sparse_gradients",)),
+    TuningOnlyKeys("bf16", "bf16 gradients always accumulate in an fp32 buffer, so it has no effect",
+                   keys=("immediate_grad_update",)),
 ]
 
 
