@@ -6,14 +6,19 @@ Note: how an op is found, in order.
      in ``op_builder/_installed_ops.json`` and it is imported as ``op_builder.<module>``.
   3. The JIT cache: a directory named after the op and a hash of everything that changes the
      binary (sources, flags, SIMD level, torch/Python/CUDA versions). A finished build leaves a
-     ``built.json`` marker; a hit imports the shared object directly, without running ninja or
+     ``built.json`` marker; a hit loads the shared object directly, without running ninja or
      importing torch's extension machinery, which is what keeps a warm load in milliseconds.
+Most ops are plain C libraries loaded with ``ctypes`` (``PYTHON_MODULE = False``): they need no
+Python or torch headers, which cuts a cold build from tens of seconds to a few. Ops that must
+take tensors in C++ (the CUDA ones) are pybind11 modules built against torch.
   4. A build, under an exclusive file lock so concurrent ranks on a node build once and the
      others wait and then take branch 3.
 A build that fails raises :class:`OpBuildError` carrying the compiler's own error lines.
 """
+import ctypes
 import fcntl
 import hashlib
+import importlib.machinery
 import importlib.util
 import json
 import os
@@ -83,6 +88,12 @@ def installed_ops():
         return {}
 
 
+def _load_library(path, python_module, module_name):
+    if not python_module:
+        return ctypes.CDLL(str(path))
+    return _import_extension(module_name, path)
+
+
 def _import_extension(module_name, path):
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
@@ -119,6 +130,7 @@ class OpBuilder:
 
     NAME = "base"
     BUILD_VERSION = "1"  # bump to invalidate every cached build of this op
+    PYTHON_MODULE = False  # False: a plain shared library loaded with ctypes
 
     def __init__(self):
         self.name = self.NAME
@@ -237,9 +249,15 @@ class OpBuilder:
         if not module_name or os.environ.get("DEEPSCALE_IGNORE_INSTALLED_OPS") == "1":
             return None
         try:
-            return importlib.import_module(f"op_builder.{module_name}")
-        except ImportError:
-            return None  # a stale manifest (torch upgraded since install): fall back to JIT
+            if self.PYTHON_MODULE:
+                return importlib.import_module(f"op_builder.{module_name}")
+            here = Path(__file__).resolve().parent
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                if (here / f"{module_name}{suffix}").is_file():
+                    return ctypes.CDLL(str(here / f"{module_name}{suffix}"))
+        except (ImportError, OSError):
+            pass  # a stale manifest (torch upgraded since install): fall back to JIT
+        return None
 
     def _load_cached(self, build_dir):
         marker = build_dir / "built.json"
@@ -247,7 +265,7 @@ class OpBuilder:
             return None
         try:
             info = json.loads(marker.read_text())
-            return _import_extension(info["module"], info["path"])
+            return _load_library(info["path"], self.PYTHON_MODULE, info["module"])
         except (OSError, ValueError, KeyError, ImportError):
             return None  # damaged or half-removed cache entry: rebuild it
 
@@ -270,12 +288,13 @@ class OpBuilder:
         from deepscale.utils.logging import logger
         start = time.time()
         try:
-            module = self._torch_build(build_dir, verbose)
+            module_name, path = self._torch_build(build_dir, verbose)
+            module = _load_library(path, self.PYTHON_MODULE, module_name)
         except (RuntimeError, OSError, ImportError) as exc:
             text = compiler_error_text(str(exc))
             # `from None`: the compiler's message is the useful part, not torch's frames.
             raise OpBuildError(f"building op '{self.NAME}' failed:\n{text}") from None
-        marker = {"module": module.__name__, "path": module.__file__, "built_at": time.time()}
+        marker = {"module": module_name, "path": str(path), "built_at": time.time()}
         tmp = build_dir / "built.json.tmp"
         tmp.write_text(json.dumps(marker))
         os.replace(tmp, build_dir / "built.json")
@@ -283,13 +302,23 @@ class OpBuilder:
         return module
 
     def _torch_build(self, build_dir, verbose):
+        """Build with torch's ninja-based machinery; returns (module name, library path)."""
         from torch.utils import cpp_extension
         kwargs = dict(name=self.module_name(), sources=self.absolute_sources(),
                       extra_include_paths=self.absolute_include_dirs(), extra_cflags=self.cxx_args(),
-                      extra_ldflags=self.extra_ldflags(), build_directory=str(build_dir), verbose=verbose)
+                      extra_ldflags=self.extra_ldflags(), build_directory=str(build_dir), verbose=verbose,
+                      is_python_module=self.PYTHON_MODULE)
         if self.is_cuda():
             kwargs.update(extra_cuda_cflags=self.nvcc_args(), with_cuda=True)
-        return cpp_extension.load(**kwargs)
+        module = cpp_extension.load(**kwargs)
+        if isinstance(module, (str, os.PathLike)):  # recent torch returns the library's path
+            return Path(module).stem, Path(module)
+        if module is not None:
+            return module.__name__, module.__file__
+        # A plain library: torch may have versioned its name (name_v1) if it was rebuilt in
+        # this process, so take the newest shared object in the build directory.
+        newest = max(Path(build_dir).glob(f"{self.module_name()}*.so"), key=lambda p: p.stat().st_mtime)
+        return newest.stem, newest
 
     # --- ahead of time -------------------------------------------------------------------
     def aot_extension(self):

@@ -1,7 +1,8 @@
 """Builders of the CPU optimizers: Adam/AdamW, Adagrad and Lion.
 
-Each op compiles only its own kernel file plus a small pybind11 binding (no torch headers),
-with the host's SIMD level baked into the flags and therefore into the cache key.
+Each op compiles only its own kernel file plus a small C entry file (no Python or torch
+headers; loaded with ctypes), with the host's SIMD level baked into the flags and therefore
+into the cache key.
 """
 from op_builder.builder import Compatibility, OpBuilder
 from op_builder.simd import detect_simd_level, simd_flags, simd_support_reason

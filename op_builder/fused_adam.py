@@ -41,6 +41,7 @@ class FusedAdamBuilder(OpBuilder):
     """Multi-tensor Adam/AdamW CUDA kernel; one launch per dtype group of tensors."""
 
     NAME = "fused_adam"
+    PYTHON_MODULE = True  # the binding takes lists of CUDA tensors
 
     def sources(self):
         return ["fused_adam/fused_adam.cpp", "fused_adam/multi_tensor_adam.cu"]

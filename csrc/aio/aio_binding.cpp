@@ -1,27 +1,50 @@
-// Python binding of the async I/O engine. Buffers cross as raw host addresses; the Python
-// side (deepscale.ops.aio) checks tensors and turns error codes into OSError with the path.
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
+// C entry points of the async I/O engine (loaded with ctypes; no Python headers). Buffers
+// cross as raw host addresses; deepscale.ops.aio checks tensors and turns error codes into
+// OSError with the path. ctypes releases the GIL during each call, so waits do not block
+// other Python threads.
+#include <exception>
+#include <string>
 
 #include "aio_engine.h"
 
-namespace py = pybind11;
 using deepscale::aio::Engine;
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.doc() = "deepscale async I/O engine (libaio, O_DIRECT, worker threads)";
-    m.attr("backend") = "libaio";
-    py::class_<Engine>(m, "Engine")
-        .def(py::init<int64_t, int, bool, bool, int, bool>(), py::arg("block_size"), py::arg("queue_depth"),
-             py::arg("single_submit"), py::arg("overlap_events"), py::arg("num_threads"), py::arg("use_direct"))
-        .def("submit", &Engine::submit, py::call_guard<py::gil_scoped_release>(), py::arg("is_read"),
-             py::arg("buffer"), py::arg("nbytes"), py::arg("path"), py::arg("file_offset"),
-             "Queue a read or write; returns a request id, or -errno when the file cannot be opened.")
-        .def("wait", &Engine::wait, py::call_guard<py::gil_scoped_release>(), py::arg("request_id"),
-             "Block until the request completes; returns its errno (0 on success).")
-        .def_property_readonly("block_size", &Engine::block_size)
-        .def_property_readonly("queue_depth", &Engine::queue_depth)
-        .def_property_readonly("single_submit", &Engine::single_submit)
-        .def_property_readonly("overlap_events", &Engine::overlap_events)
-        .def_property_readonly("num_threads", &Engine::num_threads);
+namespace {
+std::string& last_error() {
+    static thread_local std::string message;
+    return message;
 }
+}  // namespace
+
+extern "C" {
+
+const char* ds_last_error() { return last_error().c_str(); }
+
+void* ds_aio_create(int64_t block_size, int queue_depth, int single_submit, int overlap_events, int num_threads,
+                    int use_direct) {
+    try {
+        return new Engine(block_size, queue_depth, single_submit != 0, overlap_events != 0, num_threads, use_direct != 0);
+    } catch (const std::exception& e) {
+        last_error() = e.what();
+        return nullptr;
+    }
+}
+
+void ds_aio_destroy(void* engine) { delete static_cast<Engine*>(engine); }
+
+// A request id (> 0), or -errno when the file cannot be opened.
+int64_t ds_aio_submit(void* engine, int is_read, int64_t buffer, int64_t nbytes, const char* path, int64_t file_offset) {
+    return static_cast<Engine*>(engine)->submit(is_read != 0, buffer, nbytes, path, file_offset);
+}
+
+// The request's errno (0 on success), or -1 for an unknown id (message in ds_last_error).
+int ds_aio_wait(void* engine, int64_t request_id) {
+    try {
+        return static_cast<Engine*>(engine)->wait(request_id);
+    } catch (const std::exception& e) {
+        last_error() = e.what();
+        return -1;
+    }
+}
+
+}  // extern "C"

@@ -190,7 +190,9 @@ int64_t Engine::submit(bool is_read, int64_t buffer, int64_t nbytes, const std::
     r->nbytes = nbytes;
     r->file_offset = file_offset;
     r->path = path;
-    const int base = is_read ? O_RDONLY : (O_WRONLY | O_CREAT);
+    // A write at offset 0 replaces the file (a tensor saved to a path is the whole file);
+    // a write at an offset updates part of a larger file and keeps the rest.
+    const int base = is_read ? O_RDONLY : (O_WRONLY | O_CREAT | (file_offset == 0 ? O_TRUNC : 0));
     r->direct = use_direct_ && file_offset % kAlign == 0;
     r->fd = open(path.c_str(), base | (r->direct ? O_DIRECT : 0), 0644);
     if (r->fd < 0 && r->direct && errno == EINVAL) {  // the filesystem refuses O_DIRECT (tmpfs)

@@ -9,6 +9,7 @@ When the op cannot be built, the same update runs in PyTorch (fp32 math).
 """
 import torch
 
+from deepscale.ops.native import check, int64_array
 from deepscale.ops.op_loader import load_op
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -50,7 +51,8 @@ class CPUOptimizerBase(torch.optim.Optimizer):
         return self._op is not None
 
     # --- subclass hooks --------------------------------------------------------------------
-    def _kernel_step(self, flat_slots, group, step, num_threads):
+    def _kernel_step(self, slots, num_values, group, step, num_threads):
+        """Call the op's C entry point on a packed slot array; return its status code."""
         raise NotImplementedError
 
     def _torch_step(self, param, grad, states, group, step):
@@ -140,7 +142,8 @@ class CPUOptimizerBase(torch.optim.Optimizer):
                 flat += [param.data_ptr(), grad.data_ptr(), states[0].data_ptr(), _ptr(second), _ptr(out),
                          param.numel(), _code(param), _code(grad), _code(states[0]), _code(out)]
             threads = self.num_threads or torch.get_num_threads()
-            self._kernel_step(flat, group, step, threads)
+            rc = self._kernel_step(int64_array(flat), len(flat), group, step, threads)
+            check(self._op, rc, f"{type(self).__name__}.step")
             return
         for param, grad, states, out in items:
             p32, s32 = param.float(), [s.float() for s in states]

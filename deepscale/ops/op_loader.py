@@ -3,9 +3,11 @@
 Features call :func:`load_op` and branch on ``None``; a build never blocks a run: a missing
 toolchain or a compile error becomes one warning line naming the op and the reason.
 """
+import ctypes
 import os
 import threading
 
+from deepscale.ops.native import bind
 from deepscale.utils.logging import logger
 
 _STATUS = {}
@@ -53,7 +55,10 @@ def _try_load(name, verbose):
     except ImportError as exc:  # an install without op_builder
         return None, f"op_builder is not importable: {exc}"
     try:
-        return get_builder(name).load(verbose=verbose), ""
+        module = get_builder(name).load(verbose=verbose)
+        if isinstance(module, ctypes.CDLL):
+            bind(module)
+        return module, ""
     except OpBuildError as exc:
         message = str(exc)
         if "cannot be built:" in message:

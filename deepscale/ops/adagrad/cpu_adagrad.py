@@ -27,8 +27,9 @@ class DeepScaleCPUAdagrad(CPUOptimizerBase):
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, amsgrad=False)
         super().__init__(model_params, defaults, fp32_optimizer_states, num_threads)
 
-    def _kernel_step(self, flat_slots, group, step, num_threads):
-        self._op.adagrad_step(flat_slots, step, group["lr"], group["eps"], group["weight_decay"], num_threads)
+    def _kernel_step(self, slots, num_values, group, step, num_threads):
+        return self._op.ds_adagrad_step(slots, num_values, step, group["lr"], group["eps"], group["weight_decay"],
+                                        num_threads)
 
     def _torch_step(self, param, grad, states, group, step):
         (state_sum,) = states

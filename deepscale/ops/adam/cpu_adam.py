@@ -43,10 +43,11 @@ class DeepScaleCPUAdam(CPUOptimizerBase):
         self.adam_w_mode = bool(adamw_mode)
         super().__init__(model_params, defaults, fp32_optimizer_states, num_threads)
 
-    def _kernel_step(self, flat_slots, group, step, num_threads):
+    def _kernel_step(self, slots, num_values, group, step, num_threads):
         beta1, beta2 = group["betas"]
-        self._op.adam_step(flat_slots, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                           group["bias_correction"], self.adam_w_mode, num_threads)
+        return self._op.ds_adam_step(slots, num_values, step, group["lr"], beta1, beta2, group["eps"],
+                                     group["weight_decay"], int(bool(group["bias_correction"])),
+                                     int(self.adam_w_mode), num_threads)
 
     def _torch_step(self, param, grad, states, group, step):
         exp_avg, exp_avg_sq = states

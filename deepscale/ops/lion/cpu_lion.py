@@ -26,9 +26,10 @@ class DeepScaleCPULion(CPUOptimizerBase):
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay)
         super().__init__(model_params, defaults, fp32_optimizer_states, num_threads)
 
-    def _kernel_step(self, flat_slots, group, step, num_threads):
+    def _kernel_step(self, slots, num_values, group, step, num_threads):
         beta1, beta2 = group["betas"]
-        self._op.lion_step(flat_slots, step, group["lr"], beta1, beta2, group["weight_decay"], num_threads)
+        return self._op.ds_lion_step(slots, num_values, step, group["lr"], beta1, beta2, group["weight_decay"],
+                                     num_threads)
 
     def _torch_step(self, param, grad, states, group, step):
         (exp_avg,) = states
