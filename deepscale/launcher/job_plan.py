@@ -47,12 +47,21 @@ def _slurm_pool(args: argparse.Namespace) -> "collections.OrderedDict[str, int]"
     hosts = out.stdout.split()
     if out.returncode != 0 or not hosts:
         raise ValueError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r}: {out.stderr.strip()}")
-    slots = args.num_gpus if args.num_gpus > 0 else (detect_gpu_count() or 1)
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "")
+    if args.num_gpus > 0:
+        slots = args.num_gpus
+    elif per_node.isdigit() and int(per_node) > 0:
+        slots = int(per_node)
+    else:
+        slots = detect_gpu_count() or 1
     return collections.OrderedDict((host, slots) for host in hosts)
 
 
 def resource_pool(args: argparse.Namespace) -> "collections.OrderedDict[str, int]":
     """``host -> slots`` from the hostfile, the Slurm allocation, or this node alone.
+
+    Inside a Slurm allocation with ``--launcher slurm`` and no hostfile, the nodes are the
+    allocation's, with ``--num_gpus``, else ``$SLURM_NTASKS_PER_NODE``, else the GPU count ranks each.
 
     Raises:
         ValueError: a hostfile given with ``--hostfile`` is missing, or more nodes are asked than exist.
@@ -61,7 +70,7 @@ def resource_pool(args: argparse.Namespace) -> "collections.OrderedDict[str, int
         return read_hostfile(args.hostfile)
     if args.hostfile != DEFAULT_HOSTFILE:
         raise ValueError(f"--hostfile {args.hostfile!r} does not exist")
-    if args.launcher == SLURM and os.environ.get("SLURM_JOB_NODELIST") and (args.force_multi or args.num_nodes > 1):
+    if args.launcher == SLURM and os.environ.get("SLURM_JOB_NODELIST"):
         return _slurm_pool(args)
     if args.num_nodes > 1:
         raise ValueError(f"--num_nodes {args.num_nodes} needs a hostfile, and --hostfile {args.hostfile} "

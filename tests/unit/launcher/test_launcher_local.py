@@ -70,6 +70,32 @@ def test_failing_rank_stops_others_and_sets_exit_code(tmp_path, out):
     assert not any(pid_alive(p) for p in pids)
 
 
+# Rank 1 fails; rank 0 fails as a consequence, only after rank 1 is gone (like a peer in a collective).
+COLLATERAL_SCRIPT = """
+import os, sys, time
+out = os.environ["TEST_OUT_DIR"]
+if os.environ["RANK"] == "1":
+    open(os.path.join(out, "pid1"), "w").write(str(os.getpid()))
+    sys.exit(3)
+while not os.path.exists(os.path.join(out, "pid1")):
+    time.sleep(0.001)
+pid = int(open(os.path.join(out, "pid1")).read() or 0)
+while True:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit(1)
+    time.sleep(0.001)
+"""
+
+
+def test_first_failure_in_time_is_reported_not_lowest_rank(tmp_path, out):
+    script = write_script(tmp_path, "collateral.py", COLLATERAL_SCRIPT)
+    result = run_deepscale(["--num_procs", 2, "--master_port", free_port(), script], base_env(out), tmp_path)
+    assert result.returncode == 3, result.stderr
+    assert "rank 1 (node 0, localhost) exited with code 3" in result.stderr
+
+
 def test_sigint_forwarded_to_ranks(tmp_path, out):
     script = write_script(tmp_path, "wait.py", FAIL_SCRIPT)
     proc = subprocess.Popen(deepscale_cmd("--num_procs", 2, "--master_port", free_port(), script),

@@ -145,3 +145,26 @@ def test_slurm_rank_failure(slurm_cluster, tmp_path):
     assert result.returncode == 7, result.stderr[-3000:]
     pids = _rank_and_launcher_pids(out, 4)
     assert wait_for(lambda: not any(pid_alive(p) for p in pids), 10)
+
+
+RESTART_SCRIPT = """
+import os, sys
+attempt, rank = os.environ["DEEPSCALE_RESTART_COUNT"], os.environ["RANK"]
+print("attempt %s rank %s" % (attempt, rank), flush=True)
+with open(os.path.join(os.environ["TEST_OUT_DIR"], "attempt%s.rank%s" % (attempt, rank)), "w") as f:
+    f.write(os.environ["CROSS_RANK"])
+sys.exit(6 if attempt == "0" and rank == "3" else 0)
+"""
+
+
+def test_restart_whole_job_with_per_rank_logs(sshd_server, tmp_path):
+    args, env, out = _job("pdsh", sshd_server, tmp_path, RESTART_SCRIPT)
+    logs = tmp_path / "logs"
+    result = run_deepscale(["--max_restarts", 1, "--log_dir", logs] + args, env, tmp_path, timeout=90)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name for p in out.iterdir()} >= {f"attempt1.rank{r}" for r in range(4)}
+    assert (out / "attempt1.rank3").read_text() == "1"
+    assert sorted(os.listdir(logs)) == [f"rank{r}.log" for r in range(4)]
+    # one log per rank, appended across restarts
+    assert (logs / "rank3.log").read_text() == "attempt 0 rank 3\nattempt 1 rank 3\n"
+    assert "rank 3 (node 1, 127.0.0.3) exited with code 6" in result.stderr
