@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 _LOADED = {}
+_FAILED = {}  # build dir -> error message: torch will not retry a failed name in one process
 _ERROR_LINE = re.compile(r"(error|Error|undefined reference|fatal)")
 
 
@@ -238,9 +239,15 @@ class OpBuilder:
         key = str(build_dir)
         if key in _LOADED:
             return _LOADED[key]
+        if key in _FAILED:
+            raise OpBuildError(_FAILED[key])
         module = self._load_cached(build_dir)
         if module is None:
-            module = self._build_locked(build_dir, verbose)
+            try:
+                module = self._build_locked(build_dir, verbose)
+            except OpBuildError as exc:
+                _FAILED[key] = str(exc)
+                raise
         _LOADED[key] = module
         return module
 

@@ -18,8 +18,9 @@ from deepscale.ops.op_loader import load_op
 
 def _raise_for(err, path, is_read):
     if err:
-        verb = "reading" if is_read else "writing"
-        raise OSError(err, f"async I/O failed {verb} {path}: {os.strerror(err)}", str(path))
+        verb = "read" if is_read else "write"
+        # OSError appends the path to its message: "[Errno 28] async I/O write failed: ...: '<path>'".
+        raise OSError(err, f"async I/O {verb} failed: {os.strerror(err)}", str(path))
 
 
 class AsyncIOHandle:
