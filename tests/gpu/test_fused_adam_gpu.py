@@ -34,7 +34,7 @@ def test_fused_adam_matches_float64(dtype, adam_w_mode, bias_correction):
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(n, generator=gen, dtype=torch.float64) for n in SIZES]
     ours = [t.to(device="cuda", dtype=dtype) for t in init]
-    ref = [t.clone() for t in init]
+    ref = [o.double().cpu() for o in ours]  # start from exactly the stored values
     opt = FusedAdam(ours, lr=1e-2, bias_correction=bias_correction, adam_w_mode=adam_w_mode, weight_decay=0.05)
     assert opt._cuda_op() is not None, "the fused_adam op should build on a CUDA machine"
     states = [{} for _ in ref]
