@@ -59,6 +59,14 @@ def num_cores() -> int:
         return os.cpu_count() or 1
 
 
+def total_memory_gib() -> float:
+    """Physical memory of the machine in GiB (0.0 where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
 def load_module(path, name: str):
     """Import the Python file at ``path`` under the unique module name ``name``.
 

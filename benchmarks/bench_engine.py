@@ -119,9 +119,12 @@ def run_one(args, framework, dtype, stage, out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     spec = make_spec(args, framework, dtype, stage, out_dir)
     env = {"BENCH_SPEC": json.dumps(spec), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    load_before = os.getloadavg()[0]
     ok, message = common.launch_ranks([sys.executable, str(WORKER)], args.nproc, args.threads,
                                       out_dir, args.timeout, env)
-    row = {"framework": framework, "dtype": dtype, "stage": stage}
+    # The 1-minute load average before and after: other work on the machine skews timings.
+    row = {"framework": framework, "dtype": dtype, "stage": stage,
+           "load_before": load_before, "load_after": os.getloadavg()[0]}
     if not ok:
         return dict(row, error=message)
     ranks = common.read_rank_results(out_dir, args.nproc)
@@ -235,6 +238,9 @@ def main(argv=None) -> dict:
             rows.append(row)
     rows = merge_repeats(rows)
     add_comparisons(rows)
+    print(f"{args.nproc} ranks x {args.threads} threads on {common.num_cores()} cores; "
+          f"1-min load average during the runs: "
+          + ", ".join(f"{r['load_before']:.1f}" for r in rows))
     print(render_table(rows))
     checks = check_targets(rows)
     for label, what, value, passed in checks:
@@ -243,6 +249,7 @@ def main(argv=None) -> dict:
               "steps": args.steps, "warmup": args.warmup, "bf16_steps": args.bf16_steps,
               "bf16_warmup": args.bf16_warmup, "repeats": args.repeats,
               "model": make_spec(args, "", "", 0, "")["model"], "micro_batch": args.micro_batch,
+              "cores": common.num_cores(), "mem_gib": common.total_memory_gib(),
               "logs": str(out_root), "rows": rows,
               "targets": [{"row": c[0], "check": c[1], "value": c[2], "pass": c[3]}
                           for c in checks]}

@@ -103,7 +103,7 @@ def _loop(args, engine, loader, samples_per_step: int, rank: int) -> dict:
     timed_from = None  # the first step includes one-off costs, so rates start after it
     while engine.global_steps < args.steps:
         step_before = engine.global_steps
-        loss = engine(next(batches))
+        loss = engine(_to_device(next(batches), engine.device))
         engine.backward(loss)
         engine.step()
         if engine.global_steps == step_before:
@@ -130,6 +130,11 @@ def _loop(args, engine, loader, samples_per_step: int, rank: int) -> dict:
               f"{samples_s:.1f} samples/s" + (f", checkpoint in {args.save_dir}"
                                               if args.save_dir else ""), flush=True)
     return summary
+
+
+def _to_device(batch: dict, device) -> dict:
+    """Move the batch to the engine's device (the engine, like DeepSpeed's, does not)."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def _rates(timed_from, steps: int, samples_per_step: int, seq_len: int):
