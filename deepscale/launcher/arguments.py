@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--ssh_port", type=int, default=None, help="ssh port of the nodes (ssh, pdsh, openmpi, mpich)")
     multi.add_argument("--force_multi", action="store_true",
                        help="use the multi-node path even for a single node")
+    multi.add_argument("--no_ssh_check", action="store_true",
+                       help="accepted for DeepSpeed compatibility; deepscale does no separate ssh check")
 
     ranks = parser.add_argument_group("what each rank runs")
     ranks.add_argument("--no_python", action="store_true", help="run the script directly, not through Python")

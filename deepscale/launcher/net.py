@@ -5,8 +5,6 @@ from typing import Iterable, Optional
 
 from deepscale.launcher.constants import CONTROLLER_ADDR_VAR
 
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-
 
 def port_in_use(port: int, host: str = "") -> bool:
     """True when a TCP listener already holds ``port`` (``host`` ``""`` means all addresses).
@@ -30,13 +28,6 @@ def check_master_port(port: int, where: str = "this host") -> None:
         raise ValueError(f"--master_port must be between 1 and 65535, got {port}")
     if port_in_use(port):
         raise ValueError(f"--master_port {port} is already in use on {where}; pick a free port with --master_port")
-
-
-def find_free_port() -> int:
-    """A TCP port that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def _route_source(host: str) -> Optional[str]:
@@ -65,7 +56,3 @@ def controller_address(candidates: Iterable[str]) -> str:
             return source
     return socket.gethostname()
 
-
-def is_local_host(host: str) -> bool:
-    """True for names that always mean this machine (not other loopback aliases such as 127.0.0.2)."""
-    return host in LOCAL_HOSTS

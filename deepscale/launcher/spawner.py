@@ -7,7 +7,6 @@ death signal, so a launcher killed with SIGKILL does not leave orphaned ranks be
 """
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
