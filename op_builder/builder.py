@@ -78,15 +78,20 @@ def cache_root():
     return Path.home() / ".cache" / "deepscale" / "ops"
 
 
-def installed_ops():
-    """``{op name: module name}`` of the ops built ahead of time into this installation."""
+def installed_manifest():
+    """The AOT manifest written at install: ``{"ops": {op: module}, "torch": ..., "simd": ...}``."""
     manifest = Path(__file__).resolve().parent / "_installed_ops.json"
     if not manifest.is_file():
         return {}
     try:
-        return json.loads(manifest.read_text()).get("ops", {})
+        return json.loads(manifest.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def installed_ops():
+    """``{op name: module name}`` of the ops built ahead of time into this installation."""
+    return installed_manifest().get("ops", {})
 
 
 def _load_library(path, python_module, module_name):
@@ -252,8 +257,11 @@ class OpBuilder:
         return module
 
     def _load_installed(self):
-        module_name = installed_ops().get(self.NAME)
+        manifest = installed_manifest()
+        module_name = manifest.get("ops", {}).get(self.NAME)
         if not module_name or os.environ.get("DEEPSCALE_IGNORE_INSTALLED_OPS") == "1":
+            return None
+        if not self._installed_build_fits(manifest):
             return None
         try:
             if self.PYTHON_MODULE:
@@ -265,6 +273,13 @@ class OpBuilder:
         except (ImportError, OSError):
             pass  # a stale manifest (torch upgraded since install): fall back to JIT
         return None
+
+    def _installed_build_fits(self, manifest):
+        """False when the AOT build was made for another torch or SIMD level (a copied install)."""
+        import torch
+        if manifest.get("torch") not in (None, torch.__version__):
+            return False
+        return True
 
     def _load_cached(self, build_dir):
         marker = build_dir / "built.json"

@@ -29,6 +29,10 @@ class CPUOptimizerBuilder(OpBuilder):
     def extra_ldflags(self):
         return ["-fopenmp"]
 
+    def _installed_build_fits(self, manifest):
+        # A wheel built on an AVX-512 machine must not run its kernels on an AVX2 one.
+        return super()._installed_build_fits(manifest) and manifest.get("simd") == self.simd_level()
+
     def is_compatible(self, verbose=False):
         reason = simd_support_reason(self.simd_level())
         if reason:
