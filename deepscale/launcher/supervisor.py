@@ -121,6 +121,10 @@ class Supervisor:
         """Loop until the job is over, stop leftover transports, and return the verdict."""
         while not self._step():
             time.sleep(POLL_INTERVAL_S)
+        # A node's last reports precede its disconnect; wait for those to be read before judging.
+        deadline = time.monotonic() + _REPORT_DELAY_S
+        while self.controller.connected() and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL_S)
         for running in self.transports:
             running.kill(signal.SIGTERM)
         deadline = time.monotonic() + 2.0
