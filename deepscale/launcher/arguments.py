@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     multi.add_argument("--ssh_port", type=int, default=None, help="ssh port of the nodes (ssh, pdsh, openmpi, mpich)")
     multi.add_argument("--force_multi", action="store_true",
                        help="use the multi-node path even for a single node")
+    multi.add_argument("--no_ssh", action="store_true",
+                       help="start only this node's ranks (run deepscale on every node yourself, with --node_rank)")
+    multi.add_argument("--node_rank", type=int, default=-1, help="this node's index in the hostfile, with --no_ssh")
     multi.add_argument("--no_ssh_check", action="store_true",
                        help="accepted for DeepSpeed compatibility; deepscale does no separate ssh check")
 
@@ -91,6 +94,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and not 0 < value < 65536:
             raise ValueError(f"--{flag} must be between 1 and 65535, got {value}")
+    if args.no_ssh and args.node_rank < 0:
+        raise ValueError("--no_ssh needs --node_rank (this node's index in the hostfile, from 0)")
+    if args.node_rank >= 0 and not args.no_ssh:
+        raise ValueError("--node_rank is only used with --no_ssh")
     if args.bind_core_list and not args.bind_cores_to_rank:
         raise ValueError("--bind_core_list needs --bind_cores_to_rank")
     if not args.user_script and not args.version:

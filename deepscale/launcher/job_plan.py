@@ -29,6 +29,7 @@ class JobPlan:
         master_addr: rank 0's address.
         script: what each rank runs.
         exports: environment exported to the other nodes.
+        node_rank: the node run here when the ranks run in this process (``--no_ssh``). Default 0.
     """
     args: argparse.Namespace
     world: WorldInfo
@@ -36,6 +37,7 @@ class JobPlan:
     master_addr: str
     script: ScriptSpec
     exports: Dict[str, str]
+    node_rank: int = 0
 
 
 def _slurm_pool(args: argparse.Namespace) -> "collections.OrderedDict[str, int]":
@@ -85,8 +87,11 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     active = filter_resources(pool, args.include, args.exclude)
     active = limit_resources(active, args.num_nodes, args.num_gpus)
     world = WorldInfo.from_resources(active)
-    multi_node = args.force_multi or world.num_nodes > 1
-    master_addr = args.master_addr or (world.hosts[0] if multi_node else "127.0.0.1")
+    multi_node = (args.force_multi or world.num_nodes > 1) and not args.no_ssh
+    if args.no_ssh:
+        world.host(args.node_rank)  # raises when out of range
+    spans_nodes = multi_node or (args.no_ssh and world.num_nodes > 1)
+    master_addr = args.master_addr or (world.hosts[0] if spans_nodes else "127.0.0.1")
     if args.log_dir:
         args.log_dir = os.path.abspath(args.log_dir)
     script = ScriptSpec(args.user_script, list(args.user_args), args.no_python, args.module, args.no_local_rank,
@@ -94,14 +99,16 @@ def plan_job(args: argparse.Namespace) -> JobPlan:
     if not multi_node and not args.module and not os.path.exists(args.user_script) \
             and not (args.no_python and shutil.which(args.user_script)):
         raise ValueError(f"the training script {args.user_script!r} does not exist")
-    return JobPlan(args, world, multi_node, master_addr, script, collect_exports() if multi_node else {})
+    return JobPlan(args, world, multi_node, master_addr, script, collect_exports() if multi_node else {},
+                   node_rank=max(args.node_rank, 0))
 
 
 def local_dry_run_lines(plan: JobPlan) -> List[str]:
     """What ``--dry_run`` prints for a single-node job: each rank's variables and command."""
     args = plan.args
-    lines = [f"# deepscale dry run: 1 node (this host), {plan.world.world_size} rank(s)"]
-    specs = build_rank_specs(plan.world, 0, plan.master_addr, args.master_port, plan.script, dict(os.environ),
+    local = plan.world.local_size(plan.node_rank)
+    lines = [f"# deepscale dry run: 1 node (this host, node {plan.node_rank}), {local} rank(s)"]
+    specs = build_rank_specs(plan.world, plan.node_rank, plan.master_addr, args.master_port, plan.script, dict(os.environ),
                              args.log_dir)
     for spec in specs:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())

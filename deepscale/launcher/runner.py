@@ -71,8 +71,8 @@ def multinode_dry_run_lines(plan: JobPlan) -> List[str]:
 
 
 def run_local(plan: JobPlan, attempt: int, stop: StopRequest) -> JobResult:
-    """Run the ranks of a single-node job in this process's children."""
-    outcome = run_node(plan.world, 0, plan.master_addr, plan.args.master_port, plan.script,
+    """Run this node's ranks in this process's children (a one-node job, or one node of a --no_ssh job)."""
+    outcome = run_node(plan.world, plan.node_rank, plan.master_addr, plan.args.master_port, plan.script,
                        _node_options(plan, attempt), stop)
     if outcome.failure is not None and outcome.failure.primary:
         return JobResult(outcome.exit_code,

@@ -111,7 +111,7 @@ def test_dry_run_single_node(tmp_path, monkeypatch, capsys):
     (tmp_path / "t.py").write_text("")
     assert runner.main(["--num_procs", "2", "--master_port", "1234", "--dry_run", "t.py", "a"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 3 and lines[0] == "# deepscale dry run: 1 node (this host), 2 rank(s)"
+    assert len(lines) == 3 and lines[0] == "# deepscale dry run: 1 node (this host, node 0), 2 rank(s)"
     assert lines[2].startswith("RANK=1 LOCAL_RANK=1 WORLD_SIZE=2 LOCAL_SIZE=2 ")
     assert "MASTER_ADDR=127.0.0.1 MASTER_PORT=1234" in lines[2]
     assert lines[2].endswith(f"{sys.executable} -u t.py --local_rank=1 a")
@@ -191,3 +191,20 @@ def test_slurm_allocation_without_hostfile(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "2 node(s), 8 rank(s), --launcher slurm; master gpu07:29500" in out
     assert "--nodelist=gpu07,gpu08" in out
+
+
+def test_no_ssh_runs_only_this_nodes_ranks(tmp_path, monkeypatch, capsys):
+    # DeepSpeed's "run deepscale on every node yourself" mode: node 1 runs global ranks 2 and 3.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.py").write_text("")
+    argv = ["--hostfile", _write_hostfile(tmp_path), "--no_ssh", "--node_rank", "1", "--dry_run", "t.py"]
+    assert runner.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "# deepscale dry run: 1 node (this host, node 1), 2 rank(s)"
+    assert lines[1].startswith("RANK=2 LOCAL_RANK=0 WORLD_SIZE=4 LOCAL_SIZE=2 LOCAL_WORLD_SIZE=2 CROSS_RANK=1 ")
+    assert "MASTER_ADDR=node-a " in lines[1] and lines[2].startswith("RANK=3 LOCAL_RANK=1 ")
+    assert runner.main(["--hostfile", _write_hostfile(tmp_path), "--no_ssh", "--node_rank", "2", "t.py"]) == 2
+    assert "node_rank 2 is out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["--no_ssh", "t.py"])
+    assert "--no_ssh needs --node_rank" in capsys.readouterr().err
