@@ -86,9 +86,11 @@ class JobController:
 
     @property
     def aborted(self) -> bool:
+        """True once :meth:`abort` was called."""
         return self._abort is not None
 
     def connected(self) -> set:
+        """Node ranks with an open connection."""
         with self._lock:
             return set(self._nodes)
 
@@ -107,6 +109,7 @@ class JobController:
         return min(primary or failures, key=lambda f: f.get("exit_time", 0.0))
 
     def close(self) -> None:
+        """Stop serving and close every connection (the nodes take that as a stop)."""
         self._closing = True
         self._thread.join(timeout=2.0)
         for sock in list(self._nodes.values()):
@@ -220,6 +223,7 @@ class ControlClient:
                 time.sleep(0.2)
 
     def send(self, message: dict) -> bool:
+        """Send one message; False when the connection is gone."""
         return _send(self.sock, self._send_lock, message)
 
     def _listen(self) -> None:

@@ -39,6 +39,7 @@ class NodeOptions:
 
 
 def pid_file_path(runner_pid: int, node_rank: int) -> str:
+    """``$DEEPSCALE_PID_DIR/<runner pid>.node<k>.deepscale`` (default folder /tmp)."""
     return os.path.join(os.environ.get(PID_DIR_VAR, DEFAULT_PID_DIR), f"{runner_pid}.node{node_rank}.deepscale")
 
 
@@ -80,6 +81,7 @@ def run_node(world: WorldInfo, node_rank: int, master_addr: str, master_port: in
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The per-node launcher's flags (set by the runner, not by users)."""
     parser = argparse.ArgumentParser(prog="python -m deepscale.launcher.launch", allow_abbrev=False,
                                      description="deepscale per-node launcher (started by the deepscale runner)")
     parser.add_argument("--world_info", required=True, help="encoded hosts and slots (from the runner)")

@@ -72,6 +72,7 @@ class Transport:
     files: Dict[str, str] = field(default_factory=dict)  # helper files to write first: path -> text
 
     def shell_line(self) -> str:
+        """The transport as one shell line, environment first (for --dry_run)."""
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
         return (prefix + " " if prefix else "") + shlex.join(self.argv)
 
@@ -102,6 +103,7 @@ class MultiNodeRunner:
         return found
 
     def transports(self, program: str) -> List[Transport]:
+        """The programs to start, given the installed ``program``."""
         raise NotImplementedError
 
     def node_lines(self) -> List[str]:
@@ -109,9 +111,11 @@ class MultiNodeRunner:
         return [f"# node {i} ({host}) runs: {self.node_view(i)}" for i, host in enumerate(self.job.world.hosts)]
 
     def node_view(self, node_rank: int) -> str:
+        """The command node ``node_rank`` runs, as one line."""
         return shlex.join(self.job.node_command(self.rank_args(node_rank)))
 
     def rank_args(self, node_rank: int) -> List[str]:
+        """Per-node launcher flags telling node ``node_rank`` who it is."""
         return [f"--node_rank={node_rank}"]
 
 
@@ -258,6 +262,7 @@ def write_helper_files(transport: Transport) -> None:
 
 
 def remove_helper_files(transport: Transport) -> None:
+    """Delete what :func:`write_helper_files` wrote."""
     for path in transport.files:
         if os.path.exists(path):
             os.remove(path)

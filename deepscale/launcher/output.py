@@ -64,10 +64,12 @@ def tail_file(path: str, max_lines: int = TAIL_LINES, max_bytes: int = 65536) ->
 
 
 def stdout_buffer() -> BinaryIO:
+    """This process's stdout as a binary stream."""
     return getattr(sys.stdout, "buffer", sys.stdout)
 
 
 def stderr_buffer() -> BinaryIO:
+    """This process's stderr as a binary stream."""
     return getattr(sys.stderr, "buffer", sys.stderr)
 
 

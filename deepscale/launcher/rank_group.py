@@ -49,9 +49,11 @@ class RankGroup:
         return sorted(exited, key=lambda p: p.exit_time)
 
     def alive(self) -> bool:
+        """True while any rank runs."""
         return any(proc.poll() is None for proc in self.procs)
 
     def signal(self, signum: int) -> None:
+        """Send ``signum`` to every running rank's process group."""
         for proc in self.procs:
             proc.signal(signum)
 
@@ -62,6 +64,7 @@ class RankGroup:
             proc.popen.wait()
 
     def close(self) -> None:
+        """Close the ranks' log files."""
         for proc in self.procs:
             proc.close()
 

@@ -43,6 +43,7 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        """True once any stop was requested."""
         return self.signum is not None
 
 
@@ -58,5 +59,6 @@ def install_handlers(stop: StopRequest):
 
 
 def restore_handlers(previous) -> None:
+    """Put back the handlers returned by :func:`install_handlers`."""
     for signum, handler in previous.items():
         signal.signal(signum, handler)

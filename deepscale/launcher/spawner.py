@@ -184,6 +184,7 @@ class RankProcess:
         return tail_file(self.spec.log_path)
 
     def close(self) -> None:
+        """Close the log file, if any."""
         if self._log is not None:
             self._log.close()
 
@@ -203,5 +204,6 @@ class Failure:
     exit_time: float = 0.0
 
     def describe(self) -> str:
+        """One line naming the rank, its node and its exit code."""
         cause = "" if self.primary else " while the job was being stopped"
         return f"rank {self.rank} (node {self.node_rank}, {self.host}) exited with code {self.exit_code}{cause}"

@@ -35,12 +35,14 @@ class RunningTransport:
         self.exited_at: Optional[float] = None
 
     def poll(self) -> Optional[int]:
+        """The exit code, or None while running; records when it exited."""
         code = self.popen.poll()
         if code is not None and self.exited_at is None:
             self.exited_at = time.monotonic()
         return code
 
     def kill(self, signum: int) -> None:
+        """Send ``signum`` to the transport's process group."""
         if self.popen.poll() is None:
             try:
                 os.killpg(self.popen.pid, signum)

@@ -27,10 +27,12 @@ class WorldInfo:
 
     @property
     def num_nodes(self) -> int:
+        """Number of hosts."""
         return len(self.hosts)
 
     @property
     def world_size(self) -> int:
+        """Number of ranks on all hosts."""
         return sum(len(self.slots[h]) for h in self.hosts)
 
     def local_size(self, node_rank: int) -> int:
