@@ -8,13 +8,20 @@ touches gradients and optimizer state, so each ZeRO stage can bring its own:
   ``step() -> bool``           unscale/clip/overflow check/update; False if skipped
   ``zero_grad()``, ``loss_scale``, ``last_grad_norm``, ``param_groups``,
   ``user_optimizer`` (what initialize returns), ``basic_optimizer`` (the torch optimizer),
-  ``has_pending_grads``, ``state_dict()``/``load_state_dict()``,
-  ``reseed_masters(module, module_state_dict)``, ``destroy()``.
+  ``has_pending_grads``, ``reseed_masters(module, module_state_dict)``, ``destroy()``.
+Checkpoints (see ``runtime/checkpoint/portable.py``): ``state_dict()`` returns this rank's
+portable shard, ``load_shards(shards, load_optimizer_states)`` fills this rank's state from all
+shards of a checkpoint, ``load_state_dict(shard)`` from one; ``saves_per_rank`` tells whether
+every rank writes a shard (ZeRO) or rank 0 alone (replicated state).
+
+Stage 1 and 2 live in ``runtime/zero/stage_1_and_2.py`` (``ZeroOptimizer``).
 """
 import torch
 
+from deepscale.runtime.checkpoint.portable import export_shard, fragments_of_whole_params, import_shards
 from deepscale.runtime.grad_reducer import GradientReducer
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
+from deepscale.runtime.zero.zero_access import WholeTensorAccess
 
 
 class DataParallelOptimizer:
@@ -48,6 +55,11 @@ class DataParallelOptimizer:
         """Install the gradient hooks; call once the model has its final dtype and device."""
         params = [p for p in self._module.parameters() if p.requires_grad]
         self.reducer = GradientReducer(params, **self._reducer_args)
+        if self.precision is not None:
+            access = WholeTensorAccess(self.precision.master_of, self.reducer.grad_view, self.precision.optimizer)
+            for param in params:
+                if self.precision.has_param(param):
+                    param._deepscale_full_access = access
 
     # --- backward -------------------------------------------------------------------------
     def prepare_backward(self, sync: bool) -> None:
@@ -114,12 +126,48 @@ class DataParallelOptimizer:
         return self.precision if self.precision.uses_master_copies else self.precision.optimizer
 
     # --- checkpoints ----------------------------------------------------------------------
+    saves_per_rank = False  # the state is replicated: rank 0 writes the only shard
+
+    def _named_masters(self):
+        names = {p: n for n, p in self._module.named_parameters()}
+        group_of, named, group_names = {}, [], []
+        for index, group in enumerate(self.precision.optimizer.param_groups):
+            group_names.append([])
+            for model_param, master in zip(self._group_model_params(index), group["params"]):
+                group_of[id(master)] = index
+                if model_param in names and model_param.requires_grad:
+                    named.append((names[model_param], master))
+                    group_names[-1].append(names[model_param])
+        return named, group_of, group_names
+
+    def _group_model_params(self, index: int):
+        masters = self.precision.optimizer.param_groups[index]["params"]
+        by_master = {id(m): p for p, m in zip(self.precision.model_params, self.precision.master_params)}
+        return [by_master.get(id(m), m) for m in masters]
+
+    def owned_fragments(self):
+        """Whole parameters: stage 0 holds every fragment."""
+        named, group_of, _ = self._named_masters()
+        return fragments_of_whole_params(named, group_of)
+
     def state_dict(self):
-        return self.precision.state_dict() if self.precision is not None else None
+        """The portable shard of the (replicated) optimizer state, or None without an optimizer."""
+        if self.precision is None:
+            return None
+        named, group_of, group_names = self._named_masters()
+        return export_shard(self.precision.optimizer, fragments_of_whole_params(named, group_of), group_names,
+                            self.precision.loss_scaler, zero_stage=0)
 
     def load_state_dict(self, state: dict, load_optimizer_states: bool = True) -> None:
-        if self.precision is not None:
-            self.precision.load_state_dict(state, load_optimizer_states=load_optimizer_states)
+        self.load_shards([state], load_optimizer_states=load_optimizer_states)
+
+    def load_shards(self, shards, load_optimizer_states: bool = True) -> None:
+        """Fill masters and optimizer state from every shard of a checkpoint (any stage/world size)."""
+        if self.precision is None:
+            return
+        import_shards(shards, self.precision.optimizer, self.owned_fragments(), self.precision.loss_scaler,
+                      load_optimizer_states)
+        self.precision.copy_masters_to_model()
 
     @torch.no_grad()
     def reseed_masters(self, module: torch.nn.Module, module_state: dict) -> None:
@@ -134,3 +182,6 @@ class DataParallelOptimizer:
         if self.reducer is not None:
             self.reducer.remove_hooks()
             self.reducer.buffer = torch.empty(0)
+            for param in self.reducer.params:
+                if hasattr(param, "_deepscale_full_access"):
+                    del param._deepscale_full_access

@@ -20,6 +20,7 @@ from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_l
                                             build_loss_scaler_for, cast_floating_inputs, reducer_dtypes)
 from deepscale.runtime.dp_optimizer import DataParallelOptimizer
 from deepscale.runtime.step_reporter import StepReporter
+from deepscale.runtime.zero.stage_1_and_2 import ZeroOptimizer, zero_optimizer_kwargs
 from deepscale.utils.logging import logger
 
 _COUNTER_NAMES = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
@@ -50,14 +51,18 @@ class Engine(torch.nn.Module):
         # Masters are cloned before the model is cast, so they start from the fp32 weights.
         basic = build_optimizer_for(optimizer, config, model, model_parameters)
         accum_dtype, comm_dtype = reducer_dtypes(config, model_dtype)
-        self._train_opt = DataParallelOptimizer(
-            self.module, basic, model_dtype=model_dtype, loss_scaler=build_loss_scaler_for(config),
-            clip_grad=config.gradient_clipping,
+        train_opt_args = dict(
+            model_dtype=model_dtype, loss_scaler=build_loss_scaler_for(config), clip_grad=config.gradient_clipping,
             check_overflow=config.fp16_enabled or bool(getattr(config.bf16, "check_grad_overflow", False)),
             group=self.dp_group, world_size=self.dp_world_size,
             bucket_numel=int(config.zero_optimization.reduce_bucket_size), accum_dtype=accum_dtype,
             comm_dtype=comm_dtype,
             predivide_factor=config.gradient_predivide_factor if config.prescale_gradients else 1.0)
+        if config.zero_stage in (1, 2):
+            self._train_opt = ZeroOptimizer(self.module, basic, stage=config.zero_stage, **train_opt_args,
+                                            **zero_optimizer_kwargs(config))
+        else:
+            self._train_opt = DataParallelOptimizer(self.module, basic, **train_opt_args)
         if model_dtype != torch.float32:
             self.module.to(dtype=model_dtype)
         self._train_opt.attach()
@@ -246,7 +251,7 @@ class Engine(torch.nn.Module):
         return EngineState(module=self.module, optimizer=self._train_opt, lr_scheduler=self.lr_scheduler,
                            counters={name: getattr(self, name) for name in _COUNTER_NAMES},
                            config=getattr(self._config, "raw", None), dp_world_size=self.dp_world_size,
-                           zero_stage=self._config.zero_stage)
+                           zero_stage=self._config.zero_stage, dp_group=self.dp_group)
 
     def save_checkpoint(self, save_dir: str, tag=None, client_state=None, save_latest: bool = True,
                         exclude_frozen_parameters: bool = False) -> bool:

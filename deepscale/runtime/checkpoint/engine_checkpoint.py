@@ -1,13 +1,18 @@
-"""Save and load the data-parallel (ZeRO stage 0) engine state.
+"""Save and load the engine state (ZeRO stages 0, 1 and 2).
 
 Layout of one tag directory:
-  ``mp_rank_00_model_states.pt``  module weights, optimizer (with fp32 masters), lr schedule,
-                                  step counters, config and client state (written by rank 0;
-                                  every rank holds the same replica at stage 0)
+  ``mp_rank_00_model_states.pt``  module weights, lr schedule, step counters, config, client
+                                  state and the number of optimizer shards (written by rank 0;
+                                  module weights are whole on every rank at stages 0-2)
+  ``zero_pp_rank_{R}_mp_rank_00_optim_states.pt``
+                                  optimizer shard R: fp32 masters and optimizer state of the
+                                  parameter fragments rank R held, keyed by parameter name
+                                  (``portable.py``); one shard at stage 0, one per rank at 1-2
   ``rng_states_rank{R}.pt``       each rank's RNG states, so dropout and sampling resume exactly
 
-Because stage-0 state is replicated, a checkpoint loads at any data-parallel world size; RNG
-files are restored when the rank has one and skipped with a note otherwise.
+Shards are re-sliced on load, so a checkpoint saved by N ranks at any stage loads into M ranks
+at any stage without a conversion step. RNG files are restored when the rank has one and
+skipped with a note otherwise.
 """
 import os
 import uuid
@@ -22,9 +27,10 @@ from deepscale.runtime.utils import get_rng_states, set_rng_states
 from deepscale.utils.logging import logger
 from deepscale.version import __version__
 
-MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+from deepscale.utils.zero_to_fp32 import MODEL_STATES_FILE, OPTIM_FILE_FORMAT, iter_optimizer_shards
+
 RNG_FILE_FORMAT = "rng_states_rank{rank}.pt"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -38,6 +44,7 @@ class EngineState:
     config: Optional[dict] = None
     dp_world_size: int = 1
     zero_stage: int = 0
+    dp_group: Any = None
 
 
 def _agree_on_staging_id() -> str:
@@ -57,6 +64,7 @@ def save_engine_checkpoint(state: EngineState, save_dir: str, tag: str, client_s
     dist.barrier()
     try:
         torch.save(get_rng_states(), os.path.join(target.staging_path, RNG_FILE_FORMAT.format(rank=rank)))
+        _save_optimizer_shard(state, target.staging_path, rank)
         if rank == 0:
             torch.save(_model_states(state, client_state), os.path.join(target.staging_path, MODEL_STATES_FILE))
     except BaseException:
@@ -71,12 +79,27 @@ def save_engine_checkpoint(state: EngineState, save_dir: str, tag: str, client_s
     return target.final_path
 
 
+def _num_shards(state: EngineState) -> int:
+    if state.optimizer is None or state.optimizer.basic_optimizer is None:
+        return 0
+    return state.dp_world_size if state.optimizer.saves_per_rank else 1
+
+
+def _save_optimizer_shard(state: EngineState, staging_path: str, rank: int) -> None:
+    # Every rank writes the shard of the fragments it owns; replicated state only from rank 0.
+    if _num_shards(state) == 0 or (rank != 0 and not state.optimizer.saves_per_rank):
+        return
+    shard_rank = dist.get_rank(state.dp_group) if state.optimizer.saves_per_rank else 0
+    torch.save(state.optimizer.state_dict(), os.path.join(staging_path, OPTIM_FILE_FORMAT.format(rank=shard_rank)))
+
+
 def _model_states(state: EngineState, client_state: Optional[dict]) -> dict:
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "deepscale_version": __version__,
         "module": state.module.state_dict(),
-        "optimizer": state.optimizer.state_dict() if state.optimizer is not None else None,
+        "frozen_param_names": [n for n, p in state.module.named_parameters() if not p.requires_grad],
+        "num_optimizer_shards": _num_shards(state),
         "lr_scheduler": state.lr_scheduler.state_dict() if state.lr_scheduler is not None else None,
         "counters": dict(state.counters),
         "ds_config": state.config,
@@ -111,8 +134,12 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
         _reseed_masters(state, saved["module"])
         return {}, saved.get("client_state", {})
     if state.optimizer is not None:
-        if saved.get("optimizer") is not None:
-            state.optimizer.load_state_dict(saved["optimizer"], load_optimizer_states=load_optimizer_states)
+        if saved.get("format_version", 1) < 2:
+            raise ValueError(f"{path} was written by an older deepscale (checkpoint format "
+                             f"{saved.get('format_version', 1)}); this version reads format {CHECKPOINT_FORMAT_VERSION}")
+        if saved.get("num_optimizer_shards", 0) > 0 and state.optimizer.basic_optimizer is not None:
+            state.optimizer.load_shards(iter_optimizer_shards(path, saved["num_optimizer_shards"]),
+                                        load_optimizer_states=load_optimizer_states)
         else:
             _reseed_masters(state, saved["module"])
     if state.lr_scheduler is not None and load_lr_scheduler_states and saved.get("lr_scheduler") is not None:

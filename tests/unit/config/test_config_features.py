@@ -33,8 +33,8 @@ def warnings_seen():
 
 def test_zero_stage_message_matches_the_documented_form():
     with pytest.raises(FeatureNotAvailableError) as info:
-        _parse(zero_optimization={"stage": 2})
-    assert str(info.value) == ("zero_optimization.stage=2 requires ZeRO stage 1-2, which is not available in "
+        _parse(zero_optimization={"stage": 3})
+    assert str(info.value) == ("zero_optimization.stage=3 requires ZeRO stage 3, which is not available in "
                                "this version of deepscale yet; use stage 0")
 
 
@@ -43,7 +43,6 @@ def test_feature_error_is_a_value_error():
 
 
 @pytest.mark.parametrize("sections, key, feature", [
-    ({"zero_optimization": {"stage": 1}}, "zero_optimization.stage=1", "ZeRO stage 1-2"),
     ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3", "ZeRO stage 3"),
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
      "zero_optimization.offload_optimizer.device=cpu", "ZeRO-Offload of optimizer states"),

@@ -1,0 +1,220 @@
+"""Gradient side of ZeRO stages 1 and 2: bucketed reduce-scatter into each rank's chunk.
+
+Note: gradient flow. A post-accumulate-grad hook adds each fresh gradient into its bucket's
+staging buffer (accumulation dtype) and frees ``param.grad``. When every parameter of a bucket
+has reported, the bucket is reduce-scattered so that each rank receives the sum of its own
+chunk (see ``partition.py``). Buckets are launched strictly in index order on every rank, so
+ranks that see different unused parameters still issue the same sequence of collectives.
+
+* Stage 1 keeps one persistent staging buffer for all buckets (the full gradient, as stage 0
+  does); micro-batches accumulate in it locally and only the boundary backward communicates.
+  The reduced chunk is written back into the rank's own slice of the staging buffer.
+* Stage 2 never holds the full gradient: a bucket's staging buffer exists only from its first
+  gradient until its reduce-scatter completes (at most ``max_inflight`` in flight), every
+  backward communicates, and the reduced chunk is accumulated into a persistent partition
+  buffer of ``1/world_size`` of the gradients. This is ZeRO-2's P_os+g
+  (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
+  Models", section 5.2).
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from deepscale import comm as dist
+from deepscale.runtime.zero.partition import BucketPlan
+
+
+class ZeroBucket:
+    """Run-time state of one bucket: its parameters, staging buffer and the rank's chunk."""
+
+    def __init__(self, plan: BucketPlan, params: List[torch.nn.Parameter]):
+        self.plan = plan
+        self.params = params
+        self.staging: Optional[torch.Tensor] = None
+        self.own_grad: Optional[torch.Tensor] = None  # this rank's reduced chunk
+        self.seen = [False] * len(params)
+        self.num_ready = 0
+        self.launched = False
+        self.handle = None
+        self.result: Optional[torch.Tensor] = None
+
+    @property
+    def index(self) -> int:
+        return self.plan.index
+
+    def reset(self) -> None:
+        self.seen = [False] * len(self.params)
+        self.num_ready = 0
+        self.launched = False
+
+
+class PartitionedGradients:
+    """Owns the gradient buffers of ZeRO stage 1 or 2 and reduces them across ranks.
+
+    Args:
+        buckets: the buckets, in launch order.
+        stage: 1 or 2 (see the module Note).
+        rank, world_size, group: this rank in the data-parallel group.
+        accum_dtype: dtype gradients accumulate in. Default float32.
+        comm_dtype: dtype on the wire. Default ``accum_dtype``.
+        overlap_comm: launch reductions from the backward hooks (asynchronous) instead of
+            after backward. Default True.
+        use_reduce_scatter: reduce with ``reduce_scatter``; False uses ``all_reduce`` and keeps
+            the own chunk (``zero_optimization.reduce_scatter``). Default True.
+        predivide_factor: divide before the reduction by this, after it by
+            ``world_size / predivide_factor``. Default 1.0.
+        param_names: names used in error messages.
+        max_inflight: stage 2 only, reduce-scatters allowed in flight at once. Default 2.
+    """
+
+    def __init__(self, buckets: Sequence[ZeroBucket], stage: int, rank: int, world_size: int, group=None,
+                 accum_dtype: torch.dtype = torch.float32, comm_dtype: Optional[torch.dtype] = None,
+                 overlap_comm: bool = True, use_reduce_scatter: bool = True, predivide_factor: float = 1.0,
+                 param_names: Optional[Dict[torch.nn.Parameter, str]] = None, max_inflight: int = 2):
+        if stage not in (1, 2):
+            raise ValueError(f"PartitionedGradients: stage must be 1 or 2, got {stage}")
+        self.buckets = list(buckets)
+        self.stage, self.rank, self.world_size, self.group = stage, rank, world_size, group
+        self.accum_dtype = accum_dtype
+        self.comm_dtype = comm_dtype or accum_dtype
+        self.overlap_comm, self.use_reduce_scatter = overlap_comm, use_reduce_scatter
+        self.predivide_factor = float(predivide_factor)
+        self.max_inflight = max(1, int(max_inflight))
+        self._names = param_names or {}
+        self._slot: Dict[torch.nn.Parameter, Tuple[ZeroBucket, int]] = {}
+        for bucket in self.buckets:
+            for position, param in enumerate(bucket.params):
+                self._slot[param] = (bucket, position)
+        self.storage = self._allocate_storage()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._slot]
+        self.reducing = True  # stage 1: the engine sets False outside the accumulation boundary
+        self._next_to_launch = 0
+        self._inflight: List[ZeroBucket] = []
+        self._pending = False
+
+    def _allocate_storage(self) -> torch.Tensor:
+        device = self.buckets[0].params[0].device if self.buckets else torch.device("cpu")
+        per_bucket = [b.plan.padded if self.stage == 1 else b.plan.chunk for b in self.buckets]
+        storage = torch.zeros(sum(per_bucket), dtype=self.accum_dtype, device=device)
+        offset = 0
+        for bucket, size in zip(self.buckets, per_bucket):
+            region = storage[offset:offset + size]
+            if self.stage == 1:
+                bucket.staging = region
+                chunk = bucket.plan.chunk
+                bucket.own_grad = region[self.rank * chunk:(self.rank + 1) * chunk]
+            else:
+                bucket.own_grad = region
+            offset += size
+        return storage
+
+    # --- backward -------------------------------------------------------------------------
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        grad = param.grad
+        if grad is None:
+            return
+        bucket, position = self._slot[param]
+        if bucket.launched:
+            raise RuntimeError(f"the gradient of {self._names.get(param, 'a parameter')} arrived after its bucket "
+                               "was reduced; call backward once per micro-step (combine losses before backward)")
+        if bucket.staging is None:
+            bucket.staging = torch.zeros(bucket.plan.padded, dtype=self.accum_dtype, device=grad.device)
+        offset, numel = bucket.plan.offsets[position], bucket.plan.numels[position]
+        bucket.staging[offset:offset + numel].add_(grad.reshape(-1))
+        param.grad = None
+        self._pending = True
+        if not bucket.seen[position]:
+            bucket.seen[position] = True
+            bucket.num_ready += 1
+        if self.reducing and (self.overlap_comm or self.stage == 2):
+            self._launch_ready_buckets()
+
+    def _launch_ready_buckets(self) -> None:
+        while self._next_to_launch < len(self.buckets):
+            bucket = self.buckets[self._next_to_launch]
+            if bucket.num_ready < len(bucket.params):
+                return
+            self._launch(bucket)
+
+    def _launch(self, bucket: ZeroBucket) -> None:
+        if bucket.staging is None:  # stage 2: no parameter of this bucket got a gradient
+            bucket.staging = torch.zeros(bucket.plan.padded, dtype=self.accum_dtype, device=self.storage.device)
+        staging, chunk = bucket.staging, bucket.plan.chunk
+        if self.predivide_factor != 1.0:
+            staging.div_(self.predivide_factor)
+        bucket.launched = True
+        self._next_to_launch = bucket.index + 1
+        if self.world_size == 1:
+            bucket.result, bucket.handle = staging[:chunk], None
+        else:
+            tensor = staging if self.comm_dtype == staging.dtype else staging.to(self.comm_dtype)
+            if self.use_reduce_scatter:
+                bucket.result = torch.empty(chunk, dtype=self.comm_dtype, device=tensor.device)
+                bucket.handle = dist.reduce_scatter_tensor(bucket.result, tensor, group=self.group, async_op=True)
+            else:
+                bucket.handle = dist.all_reduce(tensor, group=self.group, async_op=True)
+                bucket.result = tensor[self.rank * chunk:(self.rank + 1) * chunk]
+        self._inflight.append(bucket)
+        limit = self.max_inflight if self.overlap_comm else 0
+        if self.stage == 2:
+            while len(self._inflight) > limit:
+                self._complete(self._inflight.pop(0))
+
+    def _complete(self, bucket: ZeroBucket) -> None:
+        if bucket.handle is not None:
+            bucket.handle.wait()
+        scale = self.predivide_factor / self.world_size
+        if self.stage == 1:
+            if bucket.result.data_ptr() != bucket.own_grad.data_ptr():
+                bucket.own_grad.copy_(bucket.result)
+            if scale != 1.0:
+                bucket.own_grad.mul_(scale)
+        else:
+            bucket.own_grad.add_(bucket.result, alpha=scale)
+            bucket.staging = None  # stage 2 never keeps a full bucket past its reduction
+        bucket.handle = bucket.result = None
+
+    def finish_backward(self, sync: bool) -> List[torch.nn.Parameter]:
+        """Complete this backward's reductions; returns the parameters that got no gradient.
+
+        Stage 1 communicates only when ``sync`` (the accumulation boundary); stage 2 always.
+        """
+        missing = [p for b in self.buckets for p, seen in zip(b.params, b.seen) if not seen]
+        if self.stage == 1 and not sync:
+            self._reset_counters()
+            return missing
+        for bucket in self.buckets[self._next_to_launch:]:
+            self._launch(bucket)
+        while self._inflight:
+            self._complete(self._inflight.pop(0))
+        self._reset_counters()
+        return missing
+
+    def _reset_counters(self) -> None:
+        for bucket in self.buckets:
+            bucket.reset()
+        self._next_to_launch = 0
+
+    # --- what the optimizer reads ---------------------------------------------------------
+    def own_grads(self) -> List[torch.Tensor]:
+        """This rank's reduced gradient chunk of every bucket (accumulation dtype)."""
+        return [bucket.own_grad for bucket in self.buckets]
+
+    def location(self, param: torch.nn.Parameter) -> Tuple[ZeroBucket, int]:
+        """``(bucket, position)`` of a managed parameter."""
+        return self._slot[param]
+
+    @property
+    def has_pending_grads(self) -> bool:
+        return self._pending
+
+    def zero(self) -> None:
+        """Clear the accumulated gradients."""
+        self.storage.zero_()
+        self._reset_counters()
+        self._pending = False
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []

@@ -1,0 +1,326 @@
+"""ZeRO stages 1 and 2: the training optimizer with partitioned optimizer states (and gradients).
+
+Note: what lives where. Model parameters stay whole on every rank, but each trainable one
+becomes a view into a flat per-bucket buffer in the model dtype (see ``partition.py``). Rank
+``r`` owns chunk ``r`` of every bucket: the torch optimizer sees one fp32 master tensor per
+bucket, holding only that chunk, so its states (Adam's moments) are ``1/N`` of the model too.
+With an fp32 model the master chunk *is* the rank's chunk of the model buffer (no copy); with
+fp16/bf16 it is a separate fp32 tensor. After an applied step every bucket is all-gathered in
+place, which refreshes the other ranks' chunks of the model buffer. Gradients are reduced into
+the rank's chunk by :class:`PartitionedGradients` (stage 1 keeps the full gradient, stage 2
+only its chunk). This is P_os (stage 1) and P_os+g (stage 2) of Rajbhandari et al. 2020.
+
+Because a torch optimizer updates each master chunk elementwise, the result equals updating
+whole parameters only for elementwise optimizers (Adam, AdamW, SGD, Adagrad, Lion, ...);
+others must be allowed with ``zero_allow_untested_optimizer``, as in DeepSpeed.
+"""
+from typing import Dict, List, Optional
+
+import torch
+
+from deepscale import comm as dist
+from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
+from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
+from deepscale.runtime.zero.grad_partitioner import PartitionedGradients, ZeroBucket
+from deepscale.runtime.zero.memory import estimate_zero2_model_states_mem_needs_all_live  # noqa: F401 (re-export)
+from deepscale.runtime.zero.partition import order_buckets, plan_group_buckets
+from deepscale.runtime.zero.zero_access import FullTensorAccess
+from deepscale.utils.logging import logger
+
+# Optimizers whose update is elementwise, so a flat chunk update equals the whole-tensor one.
+_TESTED_OPTIMIZER_NAMES = {"Adam", "AdamW", "SGD", "Adagrad", "Lion", "DeepScaleCPUAdam", "FusedAdam",
+                           "DeepScaleCPUAdagrad", "DeepScaleCPULion", "RMSprop", "Adamax", "NAdam", "RAdam"}
+
+
+def check_optimizer_is_tested(optimizer, allow_untested: bool) -> None:
+    """Refuse optimizers whose update is not known to be elementwise unless allowed."""
+    name = type(optimizer).__name__
+    if name not in _TESTED_OPTIMIZER_NAMES and not allow_untested:
+        raise ValueError(f"ZeRO stage 1/2 updates flat partitions of the parameters; {name} is not known to be an "
+                         f"elementwise optimizer, so results may differ from unpartitioned training. Set "
+                         f"'zero_allow_untested_optimizer': true to use it anyway (tested: "
+                         f"{', '.join(sorted(_TESTED_OPTIMIZER_NAMES))})")
+
+
+class ZeroOptimizer:
+    """The ZeRO stage 1/2 training optimizer (interface: ``runtime/dp_optimizer.py``).
+
+    Args:
+        module: the model, on its device, still fp32 (masters are cloned before the cast).
+        basic_optimizer: the torch optimizer over the model parameters (required).
+        stage: 1 (partition optimizer states) or 2 (and gradients).
+        model_dtype: dtype the model will be cast to before :meth:`attach`.
+        loss_scaler, clip_grad, check_overflow: see :class:`PrecisionOptimizer`.
+        group, world_size: the data-parallel group.
+        bucket_numel: ``reduce_bucket_size`` in elements. Default 500M.
+        allgather_bucket_numel: ``allgather_bucket_size``: elements of all-gathers in flight
+            before waiting. Default 500M.
+        accum_dtype, comm_dtype, predivide_factor: gradient accumulation/communication dtypes.
+        overlap_comm, reduce_scatter, allgather_partitions: the DeepSpeed switches.
+        ignore_unused_parameters: False raises when a parameter gets no gradient. Default True.
+        allow_untested_optimizer: ``zero_allow_untested_optimizer``. Default False.
+    """
+
+    def __init__(self, module: torch.nn.Module, basic_optimizer, stage: int, model_dtype: torch.dtype,
+                 loss_scaler=None, clip_grad: float = 0.0, check_overflow: bool = False, group=None,
+                 world_size: int = 1, bucket_numel: int = 500_000_000, allgather_bucket_numel: int = 500_000_000,
+                 accum_dtype: torch.dtype = torch.float32, comm_dtype: Optional[torch.dtype] = None,
+                 predivide_factor: float = 1.0, overlap_comm: bool = True, reduce_scatter: bool = True,
+                 allgather_partitions: bool = True, ignore_unused_parameters: bool = True,
+                 allow_untested_optimizer: bool = False):
+        if stage not in (1, 2):
+            raise ValueError(f"zero_optimization.stage must be 1 or 2 for ZeroOptimizer, got {stage}")
+        if basic_optimizer is None:
+            raise ValueError(f"zero_optimization.stage={stage} partitions optimizer state, so it needs an optimizer: "
+                             "add an 'optimizer' section to the config or pass optimizer= to initialize()")
+        check_optimizer_is_tested(basic_optimizer, allow_untested_optimizer)
+        if allgather_bucket_numel < 1:
+            raise ValueError(f"zero_optimization.allgather_bucket_size must be positive, got {allgather_bucket_numel}")
+        self.stage, self.model_dtype = stage, model_dtype
+        self.group, self.world_size = group, world_size
+        self.rank = dist.get_rank(group) if world_size > 1 else 0
+        self.basic = basic_optimizer
+        self._loss_scaler, self._clip_grad, self._check_overflow = loss_scaler, clip_grad, check_overflow
+        self.allgather_bucket_numel = int(allgather_bucket_numel)
+        self.allgather_partitions = allgather_partitions
+        self.ignore_unused_parameters = ignore_unused_parameters
+        self._grad_args = dict(accum_dtype=accum_dtype, comm_dtype=comm_dtype, overlap_comm=overlap_comm,
+                               use_reduce_scatter=reduce_scatter, predivide_factor=predivide_factor)
+        self._module = module
+        self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
+        self.buckets = self._plan(module, int(bucket_numel))
+        if self.basic.state:
+            logger.warning("the optimizer passed to ZeRO already has state; it is dropped (states are rebuilt "
+                           "per partition)")
+            self.basic.state.clear()
+        self._masters: List[Optional[torch.Tensor]] = [None] * len(self.buckets)
+        if model_dtype != torch.float32:
+            self._masters = [self._clone_master(bucket) for bucket in self.buckets]
+        self.precision: Optional[PrecisionOptimizer] = None
+        self.grads: Optional[PartitionedGradients] = None
+        self.model_buffers: List[torch.Tensor] = []
+
+    # --- construction ---------------------------------------------------------------------
+    def _plan(self, module: torch.nn.Module, bucket_numel: int) -> List[ZeroBucket]:
+        registration = {p: i for i, p in enumerate(module.parameters())}
+        self.group_params: List[List[torch.nn.Parameter]] = []
+        plans, members = [], []
+        for group_index, group in enumerate(self.basic.param_groups):
+            trainable = [p for p in group["params"] if p.requires_grad]
+            self.group_params.append(trainable)
+            for plan in plan_group_buckets(group_index, [p.numel() for p in trainable], bucket_numel,
+                                           self.world_size):
+                plans.append(plan)
+                members.append([trainable[i] for i in plan.param_indices])
+        # Backward reaches the earliest-registered parameter last: a bucket is complete when its
+        # earliest-registered parameter has reported.
+        keys = [-min(registration.get(p, len(registration)) for p in params) for params in members]
+        by_plan = {id(plan): params for plan, params in zip(plans, members)}
+        managed = {p for params in members for p in params}
+        stray = [n for p, n in self.param_names.items() if p.requires_grad and p not in managed]
+        if stray:
+            logger.warning(f"{len(stray)} trainable parameter(s) are not in the optimizer and will not be updated "
+                           f"by ZeRO, e.g. {stray[:3]}")
+        return [ZeroBucket(plan, by_plan[id(plan)]) for plan in order_buckets(plans, keys)]
+
+    @torch.no_grad()
+    def _clone_master(self, bucket: ZeroBucket) -> torch.Tensor:
+        plan = bucket.plan
+        master = torch.zeros(plan.chunk, dtype=torch.float32, device=bucket.params[0].device)
+        for position, param in enumerate(bucket.params):
+            frag = plan.fragment(self.rank, position)
+            if frag is not None:
+                master[frag.chunk_offset:frag.chunk_offset + frag.numel].copy_(
+                    param.detach().reshape(-1)[frag.param_start:frag.param_start + frag.numel])
+        return torch.nn.Parameter(master)
+
+    @torch.no_grad()
+    def attach(self) -> None:
+        """Move parameters into the flat buffers, install masters and gradient hooks.
+
+        Call once the model has its final dtype and device.
+        """
+        for index, bucket in enumerate(self.buckets):
+            plan = bucket.plan
+            flat = torch.zeros(plan.padded, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
+            for param, offset, numel in zip(bucket.params, plan.offsets, plan.numels):
+                flat[offset:offset + numel].copy_(param.detach().reshape(-1))
+                param.data = flat[offset:offset + numel].view(param.shape)
+            self.model_buffers.append(flat)
+            if self._masters[index] is None:  # fp32 model: the master is the model's own chunk
+                self._masters[index] = torch.nn.Parameter(self._own_chunk(bucket, flat))
+        for group_index, group in enumerate(self.basic.param_groups):
+            group["params"] = [self._masters[i] for i, b in enumerate(self.buckets) if b.plan.group_index == group_index]
+        self.precision = PrecisionOptimizer(self.basic, model_dtype=torch.float32, loss_scaler=self._loss_scaler,
+                                            clip_grad=self._clip_grad, check_overflow=self._check_overflow)
+        self.grads = PartitionedGradients(self.buckets, self.stage, self.rank, self.world_size, self.group,
+                                          param_names=self.param_names, **self._grad_args)
+        access = FullTensorAccess(self)
+        for bucket in self.buckets:
+            for param in bucket.params:
+                param._deepscale_full_access = access
+
+    def _own_chunk(self, bucket: ZeroBucket, flat: torch.Tensor) -> torch.Tensor:
+        chunk = bucket.plan.chunk
+        return flat[self.rank * chunk:(self.rank + 1) * chunk]
+
+    # --- backward -------------------------------------------------------------------------
+    def prepare_backward(self, sync: bool) -> None:
+        self.grads.reducing = sync or self.stage == 2
+
+    def finish_backward(self, sync: bool) -> None:
+        missing = self.grads.finish_backward(sync)
+        if missing and not self.ignore_unused_parameters:
+            names = [self.param_names.get(p, "?") for p in missing]
+            raise RuntimeError(f"{len(names)} parameter(s) got no gradient in this backward, e.g. {names[:3]}; set "
+                               "zero_optimization.ignore_unused_parameters to true to allow unused parameters")
+
+    @property
+    def has_pending_grads(self) -> bool:
+        return self.grads.has_pending_grads
+
+    # --- step -----------------------------------------------------------------------------
+    def _global_grad_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
+        """L2 norm over every rank's chunks: one all-reduce of the squared local norm."""
+        if grads:
+            local = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).pow(2).sum()
+        else:
+            local = torch.zeros((), dtype=torch.float32)
+        if self.world_size > 1:
+            dist.all_reduce(local, group=self.group)
+        return local.sqrt()
+
+    def step(self) -> bool:
+        grads = self.grads.own_grads()
+        for master, grad in zip(self._masters, grads):
+            master.grad = grad if grad.dtype == torch.float32 else grad.float()
+        applied = self.precision.step(grad_norm=self._global_grad_norm(grads))
+        if applied:
+            self.all_gather_params()
+        self.precision.zero_grad()
+        return applied
+
+    @torch.no_grad()
+    def all_gather_params(self) -> None:
+        """Refresh every rank's model parameters from the owners' master chunks."""
+        handles, inflight = [], 0
+        for bucket, master, flat in zip(self.buckets, self._masters, self.model_buffers):
+            own = self._own_chunk(bucket, flat)
+            if own.data_ptr() != master.data_ptr():
+                own.copy_(master)
+            if self.world_size == 1:
+                continue
+            if not self.allgather_partitions:
+                self._broadcast_chunks(bucket, flat)
+                continue
+            handles.append(dist.all_gather_into_tensor(flat, own, group=self.group, async_op=True))
+            inflight += bucket.plan.padded
+            if inflight >= self.allgather_bucket_numel:
+                for handle in handles:
+                    handle.wait()
+                handles, inflight = [], 0
+        for handle in handles:
+            handle.wait()
+
+    def _broadcast_chunks(self, bucket: ZeroBucket, flat: torch.Tensor) -> None:
+        chunk = bucket.plan.chunk
+        for owner in range(self.world_size):
+            src = dist.get_global_rank(self.group, owner) if self.group is not None else owner
+            dist.broadcast(flat[owner * chunk:(owner + 1) * chunk], src=src, group=self.group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.grads.zero()
+        self.precision.zero_grad()
+        for bucket in self.buckets:
+            for param in bucket.params:
+                param.grad = None
+
+    # --- what the engine and users read ---------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return self.precision.loss_scale
+
+    cur_scale = loss_scale
+
+    @property
+    def last_grad_norm(self):
+        return self.precision.last_grad_norm
+
+    @property
+    def param_groups(self):
+        return self.basic.param_groups
+
+    @property
+    def state(self):
+        return self.basic.state
+
+    @property
+    def defaults(self):
+        return self.basic.defaults
+
+    @property
+    def basic_optimizer(self):
+        return self.basic
+
+    @property
+    def user_optimizer(self):
+        return self
+
+    @property
+    def masters(self) -> List[torch.Tensor]:
+        """The fp32 master chunk of every bucket (what the torch optimizer updates)."""
+        return list(self._masters)
+
+    # --- checkpoints ----------------------------------------------------------------------
+    saves_per_rank = True
+
+    def owned_fragments(self) -> List[OwnedFragment]:
+        """The parts of named parameters whose fp32 state this rank holds."""
+        out = []
+        for bucket, master in zip(self.buckets, self._masters):
+            for position, param in enumerate(bucket.params):
+                frag = bucket.plan.fragment(self.rank, position)
+                if frag is not None and param in self.param_names:
+                    out.append(OwnedFragment(self.param_names[param], tuple(param.shape), frag.param_start,
+                                             frag.numel, master, frag.chunk_offset, bucket.plan.group_index))
+        return out
+
+    def state_dict(self) -> dict:
+        """This rank's portable shard (see ``runtime/checkpoint/portable.py``)."""
+        names = [[self.param_names.get(p, "") for p in params] for params in self.group_params]
+        return export_shard(self.basic, self.owned_fragments(), names, self._loss_scaler, self.stage)
+
+    def load_state_dict(self, state: dict, load_optimizer_states: bool = True) -> None:
+        """Load from one shard dict (e.g. one saved at world size 1, or by stage 0)."""
+        self.load_shards([state], load_optimizer_states=load_optimizer_states)
+
+    def load_shards(self, shards, load_optimizer_states: bool = True) -> None:
+        """Load this rank's fragments from every shard of a checkpoint, then refresh the model."""
+        import_shards(shards, self.basic, self.owned_fragments(), self._loss_scaler, load_optimizer_states)
+        self.all_gather_params()
+
+    @torch.no_grad()
+    def reseed_masters(self, module: torch.nn.Module, module_state: dict) -> None:
+        """Set the fp32 master chunks from saved (whole) weights, e.g. after ``load_module_only``."""
+        for frag in self.owned_fragments():
+            if frag.name in module_state:
+                flat = module_state[frag.name].reshape(-1)[frag.start:frag.start + frag.numel]
+                frag.master_view().copy_(flat.float())
+
+    def destroy(self) -> None:
+        if self.grads is not None:
+            self.grads.remove_hooks()
+            self.grads.storage = torch.empty(0)
+        for bucket in self.buckets:
+            for param in bucket.params:
+                if hasattr(param, "_deepscale_full_access"):
+                    del param._deepscale_full_access
+
+
+def zero_optimizer_kwargs(config) -> dict:
+    """The :class:`ZeroOptimizer` arguments that come from the ``zero_optimization`` section."""
+    zero = config.zero_optimization
+    return dict(allgather_bucket_numel=int(zero.allgather_bucket_size), overlap_comm=bool(zero.overlap_comm),
+                reduce_scatter=bool(zero.reduce_scatter), allgather_partitions=bool(zero.allgather_partitions),
+                ignore_unused_parameters=bool(zero.ignore_unused_parameters),
+                allow_untested_optimizer=bool(getattr(config, "zero_allow_untested_optimizer", False)))

@@ -1,0 +1,180 @@
+"""Consolidate a deepscale checkpoint (ZeRO stage 0, 1 or 2) into one fp32 state dict.
+
+Usable three ways:
+  * from Python: :func:`get_fp32_state_dict_from_zero_checkpoint`,
+    :func:`load_state_dict_from_zero_checkpoint`, :func:`convert_zero_checkpoint_to_fp32_state_dict`;
+  * offline: ``deepscale-zero-to-fp32 CHECKPOINT_DIR OUTPUT [--tag TAG] [--safetensors]``;
+  * or by copying this file next to a checkpoint: it imports nothing from deepscale.
+
+Memory: the fp32 result is allocated once; optimizer shards are memory-mapped and read one at a
+time, and the module weights (for frozen parameters and buffers) are memory-mapped too, so the
+model is never held twice. The file layout is described in
+``deepscale/runtime/checkpoint/engine_checkpoint.py`` and ``portable.py``.
+"""
+import argparse
+import os
+import sys
+from typing import Dict, Iterator, Optional
+
+import torch
+
+MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+OPTIM_FILE_FORMAT = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+LATEST_FILE = "latest"
+
+
+def _load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # files not in the zip format cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def iter_optimizer_shards(tag_dir: str, num_shards: int) -> Iterator[dict]:
+    """Yield the optimizer shards of a tag directory one at a time (memory-mapped)."""
+    for rank in range(num_shards):
+        path = os.path.join(tag_dir, OPTIM_FILE_FORMAT.format(rank=rank))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"optimizer shard {path} is missing: the checkpoint was saved by {num_shards} "
+                                    "ranks and every shard is needed")
+        yield _load(path)
+
+
+def resolve_tag_dir(checkpoint_dir: str, tag: Optional[str] = None) -> str:
+    """The tag directory to read: ``checkpoint_dir/tag``, the one ``latest`` names, or
+    ``checkpoint_dir`` itself when it already is a tag directory."""
+    checkpoint_dir = os.fspath(checkpoint_dir)
+    if tag is None:
+        if os.path.isfile(os.path.join(checkpoint_dir, MODEL_STATES_FILE)):
+            return checkpoint_dir
+        latest = os.path.join(checkpoint_dir, LATEST_FILE)
+        if not os.path.isfile(latest):
+            raise FileNotFoundError(f"{checkpoint_dir} has no '{LATEST_FILE}' file and is not a tag directory; "
+                                    "pass tag=")
+        with open(latest) as handle:
+            tag = handle.read().strip()
+    tag_dir = os.path.join(checkpoint_dir, str(tag))
+    if not os.path.isfile(os.path.join(tag_dir, MODEL_STATES_FILE)):
+        raise FileNotFoundError(f"{tag_dir} is not a deepscale checkpoint (no {MODEL_STATES_FILE})")
+    return tag_dir
+
+
+def _fill_from_shards(tag_dir: str, num_shards: int, out: Dict[str, torch.Tensor]) -> set:
+    """Copy every shard's fp32 fragments into ``out`` (allocated on first sight); returns names."""
+    filled = {}
+    for shard in iter_optimizer_shards(tag_dir, num_shards):
+        for name, entry in shard["fragments"].items():
+            if name not in out:
+                numel = 1
+                for dim in entry["shape"]:
+                    numel *= int(dim)
+                out[name] = torch.empty(numel, dtype=torch.float32)
+                filled[name] = 0
+            start, values = int(entry["start"]), entry["fp32"]
+            out[name][start:start + values.numel()].copy_(values)
+            filled[name] += values.numel()
+        del shard
+    incomplete = [n for n, count in filled.items() if count != out[n].numel()]
+    if incomplete:
+        raise ValueError(f"checkpoint {tag_dir} does not cover all of {incomplete[:3]}; is a shard missing?")
+    return set(filled)
+
+
+def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: Optional[str] = None,
+                                             exclude_frozen_parameters: bool = False) -> Dict[str, torch.Tensor]:
+    """The model's state dict with fp32 master weights, from any stage and world size.
+
+    Args:
+        checkpoint_dir: the checkpoint root (holding ``latest``) or a tag directory.
+        tag: the tag to read. Default: the one ``latest`` names.
+        exclude_frozen_parameters: leave out parameters the optimizer did not train. Default False.
+
+    Returns:
+        name -> tensor, in the module's ``state_dict`` order: trained parameters in fp32 from
+        the optimizer shards; frozen parameters (as fp32) and buffers from the module weights.
+    """
+    tag_dir = resolve_tag_dir(checkpoint_dir, tag)
+    model_states = _load(os.path.join(tag_dir, MODEL_STATES_FILE))
+    module = model_states["module"]
+    fp32: Dict[str, torch.Tensor] = {}
+    trained = _fill_from_shards(tag_dir, int(model_states.get("num_optimizer_shards", 0)), fp32)
+    frozen = set(model_states.get("frozen_param_names", ()))
+    result = {}
+    for name, value in module.items():
+        if name in trained:
+            result[name] = fp32.pop(name).view(value.shape)
+        elif exclude_frozen_parameters and name in frozen:
+            continue
+        else:
+            result[name] = (value.float() if value.is_floating_point() else value).clone()
+    for name, value in fp32.items():  # trained tensors the module state does not list (should not happen)
+        result[name] = value
+    return result
+
+
+def load_state_dict_from_zero_checkpoint(model: torch.nn.Module, checkpoint_dir: str, tag: Optional[str] = None,
+                                         strict: bool = True) -> torch.nn.Module:
+    """Load the consolidated fp32 weights into ``model`` (on CPU) and return it.
+
+    The model's own dtype is kept for buffers; parameters become fp32, as in DeepSpeed. Do not
+    use the model with an engine afterwards without re-initializing it.
+    """
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag)
+    model = model.cpu().float()
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir: str, output_file: str, tag: Optional[str] = None,
+                                               safe_serialization: bool = False,
+                                               exclude_frozen_parameters: bool = False) -> str:
+    """Write the consolidated fp32 state dict to ``output_file``; returns the path written.
+
+    Args:
+        checkpoint_dir, tag, exclude_frozen_parameters: see :func:`get_fp32_state_dict_from_zero_checkpoint`.
+        output_file: target file (``torch.save`` format, or safetensors when ``safe_serialization``
+            or the name ends in ``.safetensors``).
+        safe_serialization: write safetensors (needs the ``safetensors`` package). Default False.
+    """
+    output_file = os.fspath(output_file)
+    use_safetensors = safe_serialization or output_file.endswith(".safetensors")
+    if use_safetensors:
+        try:
+            from safetensors.torch import save_file
+        except ImportError as err:
+            raise ImportError("safe_serialization=True needs the 'safetensors' package (pip install safetensors)") \
+                from err
+    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag, exclude_frozen_parameters)
+    os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
+    if use_safetensors:
+        # safetensors refuses tensors that share memory; ours never do, but buffers may be views.
+        save_file({k: v.contiguous() for k, v in state.items()}, output_file, metadata={"format": "pt"})
+    else:
+        torch.save(state, output_file)
+    return output_file
+
+
+def main(argv=None) -> int:
+    """Console entry point ``deepscale-zero-to-fp32``."""
+    parser = argparse.ArgumentParser(prog="deepscale-zero-to-fp32",
+                                     description="Consolidate a deepscale ZeRO checkpoint into one fp32 state dict.")
+    parser.add_argument("checkpoint_dir", help="checkpoint root (with 'latest') or a tag directory")
+    parser.add_argument("output_file", help="where to write the state dict (.pt/.bin, or .safetensors)")
+    parser.add_argument("-t", "--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
+    parser.add_argument("--safe_serialization", "--safetensors", action="store_true",
+                        help="write safetensors instead of torch.save")
+    parser.add_argument("--exclude_frozen_parameters", action="store_true", help="leave out frozen parameters")
+    args = parser.parse_args(argv)
+    try:
+        path = convert_zero_checkpoint_to_fp32_state_dict(args.checkpoint_dir, args.output_file, tag=args.tag,
+                                                          safe_serialization=args.safe_serialization,
+                                                          exclude_frozen_parameters=args.exclude_frozen_parameters)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        print(f"deepscale-zero-to-fp32: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
