@@ -17,10 +17,10 @@ def param_groups(model, two_groups: bool):
             {"params": [p for n, p in trainable if n.endswith("bias")], "lr": BIAS_LR, "weight_decay": 0.0}]
 
 
-def zero_config(stage: int, world: int, gas: int = 1, clip: float = 0.0, **zero_extra):
+def zero_config(stage: int, world: int, gas: int = 1, clip: float = 0.0, micro_bs: int = MICRO_BS, **zero_extra):
     cfg = {
-        "train_batch_size": MICRO_BS * gas * world,
-        "train_micro_batch_size_per_gpu": MICRO_BS,
+        "train_batch_size": micro_bs * gas * world,
+        "train_micro_batch_size_per_gpu": micro_bs,
         "gradient_accumulation_steps": gas,
         "steps_per_print": 1000,
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "betas": [0.9, 0.99]}},
@@ -33,23 +33,23 @@ def zero_config(stage: int, world: int, gas: int = 1, clip: float = 0.0, **zero_
 
 
 def build_engine(stage: int, world: int, gas: int = 1, clip: float = 0.0, two_groups: bool = False,
-                 model_kwargs=None, seed: int = 1234, extra_cfg=None, **zero_extra):
+                 model_kwargs=None, seed: int = 1234, extra_cfg=None, micro_bs: int = MICRO_BS, **zero_extra):
     import deepscale
     model = make_model(seed=seed, **(model_kwargs or {}))
-    cfg = zero_config(stage, world, gas, clip, **zero_extra)
+    cfg = zero_config(stage, world, gas, clip, micro_bs, **zero_extra)
     cfg.update(extra_cfg or {})
     engine, _, _, _ = deepscale.initialize(model=model, model_parameters=param_groups(model, two_groups), config=cfg)
     return engine
 
 
-def train(engine, world: int, steps, gas: int = 1, unused_alternate: bool = False):
+def train(engine, world: int, steps, gas: int = 1, unused_alternate: bool = False, micro_bs: int = MICRO_BS):
     """Train over ``steps``; returns the per-step mean loss over all ranks and micro-batches."""
     import torch.distributed as dist
     rank, losses = dist.get_rank(), []
     for step in steps:
         step_loss = torch.zeros(())
         for micro in range(gas):
-            x, y = rank_micro_batch(step, micro, rank, MICRO_BS, gas, world)
+            x, y = rank_micro_batch(step, micro, rank, micro_bs, gas, world)
             loss = engine(x, y, use_extra=unused_alternate and step % 2 == 0)
             engine.backward(loss)
             engine.step()
