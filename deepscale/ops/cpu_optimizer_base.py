@@ -43,6 +43,7 @@ class CPUOptimizerBase(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.fp32_optimizer_states = bool(fp32_optimizer_states)
         self.num_threads = num_threads
+        self._plans = {}  # group index -> packed slots of the last step (see _signature)
         self._op = load_op(self.OP_NAME)
 
     @property
@@ -119,22 +120,67 @@ class CPUOptimizerBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, outs in zip(self.param_groups, self._out_lists(fp16_param_groups)):
-            by_step = {}
-            for index, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
-                grad = self._checked_grad(param)
-                out = self._checked_out(outs[index] if outs is not None else None, param)
-                state = self._init_state(param)
-                state["step"] += 1
-                states = [state[name] for name in self.STATE_NAMES]
-                by_step.setdefault(state["step"], []).append((param, grad, states, out))
-            for step, items in by_step.items():
-                self._apply(group, step, items)
+        for index, (group, outs) in enumerate(zip(self.param_groups, self._out_lists(fp16_param_groups))):
+            if not self._planned_step(index, group, outs):
+                self._checked_step(index, group, outs)
         return loss
 
+    def _checked_step(self, group_index, group, outs):
+        """Validate every tensor, pack the slots and run; remember the packing when reusable."""
+        by_step, reusable = {}, True
+        for index, param in enumerate(group["params"]):
+            if param.grad is None:
+                reusable = False
+                continue
+            grad = self._checked_grad(param)
+            reusable = reusable and grad is param.grad  # a converted grad is a temporary
+            out = self._checked_out(outs[index] if outs is not None else None, param)
+            state = self._init_state(param)
+            state["step"] += 1
+            states = [state[name] for name in self.STATE_NAMES]
+            by_step.setdefault(state["step"], []).append((param, grad, states, out))
+        self._plans.pop(group_index, None)
+        for step, items in by_step.items():
+            flat = self._apply(group, step, items)
+            if reusable and flat is not None and len(by_step) == 1:
+                self._plans[group_index] = (self._signature(group, outs), int64_array(flat), len(flat), step)
+
+    # Note: a plan is the packed slot array of a group from its last step. ZeRO-Offload calls
+    # step on the same tensors every iteration, so re-validating and re-packing 100s of tensors
+    # in Python would cost more than the update of a small model. The signature holds every
+    # address and grad dtype the array was built from; any change (new grad tensor elsewhere,
+    # swapped-in states, another copy-out buffer) misses the plan and takes the checked path.
+    def _signature(self, group, outs):
+        names = self.STATE_NAMES
+        sig = []
+        for param in group["params"]:
+            grad = param.grad
+            state = self.state.get(param)
+            if grad is None or not state:
+                return None
+            sig.append((param.data_ptr(), grad.data_ptr(), grad.dtype, grad.is_contiguous(),
+                        *[state[n].data_ptr() for n in names]))
+        if outs is not None:
+            sig.append(tuple(o.data_ptr() for o in outs))
+        return tuple(sig)
+
+    def _planned_step(self, group_index, group, outs):
+        plan = self._plans.get(group_index)
+        if plan is None or self._op is None:
+            return False
+        signature, slots, num_values, step = plan
+        if self._signature(group, outs) != signature:
+            return False
+        step += 1
+        for param in group["params"]:
+            self.state[param]["step"] = step
+        threads = self.num_threads or torch.get_num_threads()
+        check(self._op, self._kernel_step(slots, num_values, group, step, threads), f"{type(self).__name__}.step")
+        self._plans[group_index] = (signature, slots, num_values, step)
+        return True
+
     def _apply(self, group, step, items):
+        """Run one step on ``items``; returns the packed slot list when the kernel ran."""
         if self._op is not None:
             flat = []
             for param, grad, states, out in items:
@@ -144,7 +190,7 @@ class CPUOptimizerBase(torch.optim.Optimizer):
             threads = self.num_threads or torch.get_num_threads()
             rc = self._kernel_step(int64_array(flat), len(flat), group, step, threads)
             check(self._op, rc, f"{type(self).__name__}.step")
-            return
+            return flat
         for param, grad, states, out in items:
             p32, s32 = param.float(), [s.float() for s in states]
             self._torch_step(p32, grad.float(), s32, group, step)
@@ -155,6 +201,7 @@ class CPUOptimizerBase(torch.optim.Optimizer):
                     s.copy_(s_new)
             if out is not None:
                 out.copy_(p32)
+        return None
 
     # --- checkpoints -----------------------------------------------------------------------
     def load_state_dict(self, state_dict):
@@ -165,6 +212,7 @@ class CPUOptimizerBase(torch.optim.Optimizer):
         """
         saved = {key: {n: v.detach().clone() for n, v in entry.items() if isinstance(v, torch.Tensor)}
                  for key, entry in state_dict["state"].items()}
+        self._plans.clear()
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for key, param in zip(saved_group["params"], group["params"]):

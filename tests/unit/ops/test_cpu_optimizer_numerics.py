@@ -277,3 +277,28 @@ def test_wrong_copy_out_buffer_is_rejected():
         opt.step(fp16_param_groups=[[torch.zeros(4)]])  # fp32 is not a copy-out dtype
     with pytest.raises(ValueError, match="elements"):
         opt.step(fp16_param_groups=[[torch.zeros(5, dtype=torch.half)]])
+
+
+def test_reused_packing_follows_new_grads_and_swapped_states():
+    """The cached slot packing must never write through stale addresses."""
+    gen = torch.Generator().manual_seed(6)
+    init = [torch.randn(n, generator=gen) for n in SIZES]
+    fast, slow = [t.clone() for t in init], [t.clone() for t in init]
+    opt_fast, opt_slow = DeepScaleCPUAdam(fast, lr=1e-2), DeepScaleCPUAdam(slow, lr=1e-2)
+    opt_slow._op = None
+    for step in range(6):
+        for f, s in zip(fast, slow):
+            g = torch.randn(f.shape, generator=gen)
+            if step % 2 == 0 and f.grad is not None:
+                f.grad.copy_(g)  # same tensors: the cached packing applies
+            else:
+                f.grad = g.clone()  # new tensors: it must be rebuilt
+            s.grad = g.clone()
+        if step == 4:  # states swapped in from elsewhere (as NVMe offload does)
+            for f in fast:
+                opt_fast.state[f]["exp_avg"] = opt_fast.state[f]["exp_avg"].clone()
+        opt_fast.step()
+        opt_slow.step()
+        for f, s in zip(fast, slow):
+            torch.testing.assert_close(f, s, rtol=1e-5, atol=1e-6)
+    assert opt_fast._plans, "the packing should be cached after a step on unchanged tensors"
