@@ -202,6 +202,20 @@ int64_t Engine::submit(bool is_read, int64_t buffer, int64_t nbytes, const std::
     if (r->fd < 0) return -static_cast<int64_t>(errno);
     struct stat st;
     r->original_size = fstat(r->fd, &st) == 0 ? st.st_size : 0;
+    if (!is_read && nbytes > 0) {
+        // Reserve the blocks first: O_DIRECT writes past the end of a file are serialised
+        // (each one extends it), writes inside it run with the full queue depth. Running out
+        // of space is reported here, before any data moves.
+        const int64_t end = file_offset + (r->direct ? (nbytes + kAlign - 1) / kAlign * kAlign : nbytes);
+        if (end > r->original_size && fallocate(r->fd, 0, file_offset, end - file_offset) != 0) {
+            const int err = errno;
+            if (err != EOPNOTSUPP && err != ENOSYS) {
+                close(r->fd);
+                return -static_cast<int64_t>(err);
+            }
+        }
+        if (end != file_offset + nbytes) r->padded_tail.store(true);
+    }
 
     const int64_t num_blocks = (nbytes + block_size_ - 1) / block_size_;
     const int64_t num_jobs = std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(workers_.size()), num_blocks));
