@@ -86,3 +86,9 @@ def reference(num_steps: int, batch_size: int, clip: float = 0.0, two_groups: bo
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def rank_micro_batch_for(step: int, world: int, micro_bs: int = MICRO_BS):
+    """This rank's micro-batch of ``step`` (no accumulation)."""
+    import torch.distributed as dist
+    return rank_micro_batch(step, 0, dist.get_rank(), micro_bs, 1, world)
