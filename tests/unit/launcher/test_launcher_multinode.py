@@ -1,5 +1,10 @@
 """Real multi-node jobs on loopback: 127.0.0.2 and 127.0.0.3 are two nodes reached through a
-test sshd (ssh, pdsh, OpenMPI, MPICH) or a local Slurm cluster."""
+test sshd (ssh, pdsh, OpenMPI, MPICH) or a local Slurm cluster.
+
+The all-reduce jobs through pdsh and ssh use torch.distributed (gloo); through OpenMPI, MPICH and
+Slurm the same 2x2 job all-reduces over plain TCP at MASTER_ADDR:MASTER_PORT, which checks the
+same launcher contract without four more torch imports per job (the test set must stay fast).
+"""
 import os
 import signal
 import subprocess
@@ -8,9 +13,9 @@ import time
 import pytest
 
 from _launcher_cluster import slurm_cluster, sshd_server  # noqa: F401 (fixtures)
-from _launcher_helpers import (ALLREDUCE_SCRIPT, FAIL_SCRIPT, NODES, base_env, deepscale_cmd, free_port,
-                               pid_alive, read_records, require_programs, run_deepscale, wait_for, write_hostfile,
-                               write_script)
+from _launcher_helpers import (ALLREDUCE_SCRIPT, FAIL_SCRIPT, NODES, SOCKET_ALLREDUCE_SCRIPT, base_env,
+                               deepscale_cmd, free_port, pid_alive, read_records, require_programs, run_deepscale,
+                               wait_for, write_hostfile, write_script)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -54,10 +59,13 @@ def _check_allreduce(out, through):
         assert through in rec["chain"], rec["chain"]  # the node launcher really ran under sshd/slurmstepd
 
 
-@pytest.mark.parametrize("launcher", ["pdsh", "ssh", "openmpi", "mpich"])
-def test_two_node_allreduce(launcher, sshd_server, tmp_path):
-    pytest.importorskip("torch")
-    args, env, out = _job(launcher, sshd_server, tmp_path, ALLREDUCE_SCRIPT)
+@pytest.mark.parametrize("launcher, script", [("pdsh", ALLREDUCE_SCRIPT), ("ssh", ALLREDUCE_SCRIPT),
+                                              ("openmpi", SOCKET_ALLREDUCE_SCRIPT), ("mpich", SOCKET_ALLREDUCE_SCRIPT)],
+                         ids=["pdsh-torch", "ssh-torch", "openmpi-tcp", "mpich-tcp"])
+def test_two_node_allreduce(launcher, script, sshd_server, tmp_path):
+    if script is ALLREDUCE_SCRIPT:
+        pytest.importorskip("torch")
+    args, env, out = _job(launcher, sshd_server, tmp_path, script)
     result = run_deepscale(args, env, tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     _check_allreduce(out, "sshd")
@@ -125,8 +133,7 @@ def test_killed_runner_leaves_no_ranks(sshd_server, tmp_path):
 
 
 def test_slurm_two_node_allreduce(slurm_cluster, tmp_path):
-    pytest.importorskip("torch")
-    script, out = _job_files(tmp_path, ALLREDUCE_SCRIPT)
+    script, out = _job_files(tmp_path, SOCKET_ALLREDUCE_SCRIPT)
     hostfile = write_hostfile(tmp_path, slurm_cluster.nodes)
     # Slurm node names do not resolve; rank 0's address is given explicitly.
     args = ["--hostfile", hostfile, "--launcher", "slurm", "--master_addr", NODES[0], "--master_port", free_port(),
