@@ -61,7 +61,7 @@ class BuildPyWithSources(build_py):
     def run(self):
         super().run()
         target = os.path.join(self.build_lib, "op_builder")
-        if os.path.isdir(target):
+        if os.path.isdir(target) and os.path.isdir(os.path.join(ROOT, "csrc")):
             shutil.copytree(os.path.join(ROOT, "csrc"), os.path.join(target, "csrc"), dirs_exist_ok=True)
             manifest = {"ops": AOT_OPS}
             if AOT_OPS:

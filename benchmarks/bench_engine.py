@@ -214,6 +214,46 @@ def check_targets(rows):
     return checks
 
 
+# Issue-3 targets for the ZeRO stage 1/2 rows: step time within 1.05x of DDP, and peak RSS per
+# rank below DDP's by at least half of the model-state saving the ZeRO formulas predict.
+ZERO_STEP_RATIO = 1.05
+ZERO_RSS_FRACTION = 0.5
+
+
+def zero_state_bytes(num_params, dtype, stage, nproc):
+    """Model-state bytes per rank from Rajbhandari et al. 2020 (Adam; DDP = stage 0).
+
+    bf16 is the paper's mixed precision (2-byte params/grads, 12 bytes of fp32 states);
+    fp32 keeps 4-byte params/grads and 8 bytes of Adam moments and needs no master copy.
+    """
+    psi, n = num_params, nproc
+    param_b, grad_b, state_b = (2, 2, 12) if dtype == "bf16" else (4, 4, 8)
+    grads = grad_b * psi / n if stage >= 2 else grad_b * psi
+    states = state_b * psi / n if stage >= 1 else state_b * psi
+    return param_b * psi + grads + states
+
+
+def check_zero_targets(rows, nproc):
+    """(row label, check, value, passed) for deepscale stage 1/2 rows against the DDP row."""
+    by_key = {(r["framework"], r["dtype"], r["stage"]): r for r in rows if "step_ms" in r}
+    checks = []
+    for (fw, dtype, stage), row in sorted(by_key.items(), key=str):
+        ddp = by_key.get(("ddp", dtype, 0))
+        if fw != "deepscale" or stage not in (1, 2) or ddp is None:
+            continue
+        label = f"deepscale {dtype} stage {stage}"
+        checks.append((label, f"step_ratio_vs_ddp <= {ZERO_STEP_RATIO}", row["step_ratio_vs_ddp"],
+                       row["step_ratio_vs_ddp"] <= ZERO_STEP_RATIO))
+        # DDP keeps fp32 Adam states replicated: the formula's saving is stage 0 minus stage s.
+        predicted_mib = (zero_state_bytes(row["num_params"], "fp32", 0, nproc)
+                         - zero_state_bytes(row["num_params"], dtype, stage, nproc)) / 2**20
+        saved_mib = max(ddp["peak_rss_mib"]) - max(row["peak_rss_mib"])
+        row["rss_saving_mib"], row["rss_saving_predicted_mib"] = saved_mib, predicted_mib
+        checks.append((label, f"RSS saving vs DDP >= {ZERO_RSS_FRACTION} x {predicted_mib:.0f} MiB predicted",
+                       saved_mib, saved_mib >= ZERO_RSS_FRACTION * predicted_mib))
+    return checks
+
+
 def main(argv=None) -> dict:
     """Run the matrix, print the table, the targets and a final JSON line; return the JSON."""
     args = parse_args(argv)
@@ -242,7 +282,7 @@ def main(argv=None) -> dict:
           f"1-min load average during the runs: "
           + ", ".join(f"{r['load_before']:.1f}" for r in rows))
     print(render_table(rows))
-    checks = check_targets(rows)
+    checks = check_targets(rows) + check_zero_targets(rows, args.nproc)
     for label, what, value, passed in checks:
         print(f"target {label}: {what}: {value:.4g} {'PASS' if passed else 'FAIL'}")
     result = {"bench": "engine", "nproc": args.nproc, "threads_per_rank": args.threads,

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "fused_adam.h"

@@ -130,6 +130,15 @@ class AsyncIOHandle:
             _raise_for(*first_error)
         return len(pending)
 
+    def __del__(self):
+        # Requests still in flight write into tensors this handle keeps alive; finish them
+        # before those references (and the engine) go away.
+        try:
+            if self._pending:
+                self.wait()
+        except Exception:  # nobody is left to hear about an error at this point
+            pass
+
     def pread(self, buffer, filename, validate=False, async_op=False, file_offset=0):
         """Read ``filename`` (from ``file_offset``) into ``buffer``; asynchronous if ``async_op``.
 
