@@ -153,6 +153,7 @@ def run(spec, setup, torch) -> dict:
         step_s.append(time.perf_counter() - t0)
         if len(step_s) == 1:
             t_first = time.time()
+        print(f"step {len(step_s)}/{len(batches)} {step_s[-1]:.3f}s", flush=True)  # progress
     # Average the per-step losses over ranks once, after timing, to keep the loop clean.
     loss_t = torch.cat(losses).double()
     dist.all_reduce(loss_t)
