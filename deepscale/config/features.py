@@ -24,7 +24,7 @@ from deepscale.config.compression import COMPRESSION_TECHNIQUES
 from deepscale.config.errors import FeatureNotAvailableError
 from deepscale.utils.logging import log_dist
 
-AVAILABLE_ZERO_STAGES = {0, 1, 2}
+AVAILABLE_ZERO_STAGES = {0, 1, 2, 3}
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_l
 from deepscale.runtime.dp_optimizer import DataParallelOptimizer
 from deepscale.runtime.step_reporter import StepReporter
 from deepscale.runtime.zero.stage_1_and_2 import ZeroOptimizer, zero_optimizer_kwargs
+from deepscale.runtime.zero.stage3.optimizer import Stage3Optimizer, stage3_optimizer_kwargs
 from deepscale.utils.logging import logger
 
 _COUNTER_NAMES = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
@@ -61,6 +62,8 @@ class Engine(torch.nn.Module):
         if config.zero_stage in (1, 2):
             self._train_opt = ZeroOptimizer(self.module, basic, stage=config.zero_stage, **train_opt_args,
                                             **zero_optimizer_kwargs(config))
+        elif config.zero_stage == 3:
+            self._train_opt = Stage3Optimizer(self.module, basic, **train_opt_args, **stage3_optimizer_kwargs(config))
         else:
             self._train_opt = DataParallelOptimizer(self.module, basic, **train_opt_args)
         if model_dtype != torch.float32:
@@ -174,7 +177,10 @@ class Engine(torch.nn.Module):
         # A half/bf16 model cannot consume fp32 activations; integer inputs (token ids) are left alone.
         if self.model_dtype != torch.float32:
             args, kwargs = cast_floating_inputs((args, kwargs), self.model_dtype)
-        out = self.module(*args, **kwargs)
+        # ZeRO-3 checks partitioned parameters used outside the modules that gather them.
+        forward_context = getattr(self._train_opt, "forward_context", contextlib.nullcontext)
+        with forward_context():
+            out = self.module(*args, **kwargs)
         self._reporter.stop("forward")
         return out
 
@@ -266,7 +272,9 @@ class Engine(torch.nn.Module):
             logger.warning("save_checkpoint inside a gradient accumulation window: gradients accumulated so far "
                            "are not saved")
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
-        save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest)
+        # ZeRO-3: every rank helps gather the module weights that rank 0 writes whole.
+        with getattr(self._train_opt, "module_state_context", contextlib.nullcontext)():
+            save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest)
         return True
 
     def load_checkpoint(self, load_dir: str, tag=None, load_module_strict: bool = True,
@@ -288,6 +296,46 @@ class Engine(torch.nn.Module):
                 setattr(self, name, int(counters[name]))
         self.zero_grad()
         return path, client_state
+
+    # --- ZeRO-3 module weights -------------------------------------------------------------
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False):
+        """The whole module state dict in the model dtype on rank 0 (None elsewhere); under ZeRO-3
+        every rank must call it. At other stages rank 0 returns ``module.state_dict()``."""
+        if self._config.zero_stage == 3:
+            state = self._train_opt.consolidated_state_dict(rank0_only=True)
+        else:
+            state = self.module.state_dict() if self.global_rank == 0 else None
+        if state is not None and exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        return state
+
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """Save the whole module weights in the model dtype to ``save_dir/save_filename`` (rank 0 writes).
+
+        Under ZeRO-3 this gathers the weights, so every rank must call it, and it needs
+        ``zero_optimization.stage3_gather_16bit_weights_on_model_save: true``; otherwise nothing
+        is saved and False is returned (use ``zero_to_fp32`` on a checkpoint instead).
+        """
+        if self._config.zero_stage == 3 and not self._config.zero_optimization.gather_16bit_weights_on_model_save:
+            logger.warning("save_16bit_model: not saved, because zero_optimization."
+                           "stage3_gather_16bit_weights_on_model_save is false; set it to true, or consolidate a "
+                           "checkpoint with deepscale.utils.zero_to_fp32")
+            return False
+        state = self._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters)
+        if self.global_rank == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            path = os.path.join(save_dir, save_filename)
+            torch.save(state, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        dist.barrier()
+        return True
+
+    def empty_partition_cache(self) -> None:
+        """ZeRO-3: release every gathered parameter group (e.g. before evaluation with another model)."""
+        if hasattr(self._train_opt, "empty_partition_cache"):
+            self._train_opt.empty_partition_cache()
 
     # --- teardown -------------------------------------------------------------------------
     def destroy(self) -> None:

@@ -1,0 +1,82 @@
+"""Stateless collectives over flat buffers, and the runner that adds the debug check and watchdog.
+
+The functions take tensors and a process group and keep no state, so the parameter group
+decides *what* travels and the coordinator *when*; :class:`CollectiveRunner` only wraps them
+with the optional sequence check (``sequence_check.py``) and registers every wait with the
+watchdog (``watchdog.py``).
+"""
+from typing import Optional
+
+import torch
+
+from deepscale import comm as dist
+from deepscale.runtime.zero.stage3.sequence_check import CollectiveInfo, SequenceChecker
+from deepscale.runtime.zero.stage3.watchdog import Watchdog
+
+
+def all_gather_flat(output: torch.Tensor, shard: torch.Tensor, group=None, async_op: bool = True):
+    """Gather equal-sized ``shard`` of every rank into ``output`` (rank-major); returns the work handle."""
+    return dist.all_gather_into_tensor(output, shard, group=group, async_op=async_op)
+
+
+def reduce_scatter_flat(output: torch.Tensor, flat: torch.Tensor, group=None, async_op: bool = True):
+    """Sum ``flat`` (rank-major, ``world_size`` equal chunks) over ranks; rank r receives chunk r."""
+    return dist.reduce_scatter_tensor(output, flat, group=group, async_op=async_op)
+
+
+class _Done:
+    """The handle of a collective that needed no communication (world size 1)."""
+
+    def wait(self) -> bool:
+        return True
+
+    def is_completed(self) -> bool:
+        return True
+
+
+class CollectiveRunner:
+    """Issues the ZeRO-3 collectives of one data-parallel group.
+
+    Args:
+        group: the process group (None: the default group).
+        world_size: ranks in ``group``.
+        debug: run the sequence check before every collective.
+        watchdog: the watchdog every wait registers with, or None.
+    """
+
+    def __init__(self, group, world_size: int, debug: bool = False, watchdog: Optional[Watchdog] = None):
+        self.group, self.world_size = group, world_size
+        self.checker = SequenceChecker(group, world_size) if debug else None
+        self.watchdog = watchdog
+        self.step = 0
+        self.num_all_gathers = 0
+        self.num_reduce_scatters = 0
+
+    def _before(self, info: CollectiveInfo) -> None:
+        info.step = self.step
+        if self.checker is not None:
+            self.checker.check(info)
+
+    def all_gather(self, output: torch.Tensor, shard: torch.Tensor, info: CollectiveInfo):
+        self._before(info)
+        self.num_all_gathers += 1
+        if self.world_size == 1:
+            output.copy_(shard)
+            return _Done()
+        return all_gather_flat(output, shard, self.group, async_op=True)
+
+    def reduce_scatter(self, output: torch.Tensor, flat: torch.Tensor, info: CollectiveInfo):
+        self._before(info)
+        self.num_reduce_scatters += 1
+        if self.world_size == 1:
+            output.copy_(flat)
+            return _Done()
+        return reduce_scatter_flat(output, flat, self.group, async_op=True)
+
+    def wait(self, work, info: CollectiveInfo) -> None:
+        """Wait for ``work``; the watchdog reports the wait if it takes too long."""
+        if self.watchdog is None or isinstance(work, _Done):
+            work.wait()
+            return
+        with self.watchdog.watch(info.describe()):
+            work.wait()

@@ -1,0 +1,242 @@
+"""When parameter groups are gathered, prefetched, released and their gradients reduced.
+
+Note: the recorded order. Every forward records the sequence of groups it acquires. The next
+forward follows the recorded sequence while it matches: after acquiring the group at position
+``i`` it issues asynchronous all-gathers for the groups after ``i`` until
+``stage3_prefetch_bucket_size`` elements are in flight or ``stage3_max_live_parameters``
+elements would be gathered at once. A group whose next use is at most
+``stage3_max_reuse_distance`` elements ahead is kept instead of released. When the model takes
+another branch the sequence stops matching: prefetching stops for the rest of that forward (the
+prefetched groups are released at its end) and the new sequence is recorded, so a change of
+order costs only the prefetch. Backward walks the recorded sequence in reverse to prefetch the
+groups whose gradients are still to come. Decisions depend only on the recorded sequence and on
+element counts, so every rank that runs the same modules issues the same collectives.
+
+Gradients: when every trainable parameter of a group has its gradient accumulated in a
+backward, the group's gradients are reduce-scattered (asynchronously) and the group is
+released; groups that did not complete (unused or frozen parameters) are flushed in group order
+when the backward ends.
+"""
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from deepscale.runtime.zero.stage3.param_group import ParamGroup
+from deepscale.runtime.zero.stage3.states import ShardState, TrainingState, training_state_machine
+from deepscale.utils.logging import logger
+
+_MAX_PENDING_REDUCES = 2
+
+
+class ParamCoordinator:
+    """Drives the gather/release/reduce of the parameter groups of one model.
+
+    Args:
+        groups: all parameter groups (persistent ones are never released).
+        prefetch_numel: ``stage3_prefetch_bucket_size`` in elements (0 disables prefetch).
+        max_live_numel: ``stage3_max_live_parameters``.
+        max_reuse_distance: ``stage3_max_reuse_distance`` in elements.
+        comm_dtype: dtype gradients are reduced in.
+        on_reduced: called with ``(group, output)`` once a group's reduce-scatter finished.
+    """
+
+    def __init__(self, groups: Sequence[ParamGroup], prefetch_numel: int, max_live_numel: int,
+                 max_reuse_distance: int, comm_dtype: torch.dtype,
+                 on_reduced: Callable[[ParamGroup, torch.Tensor], None]):
+        self.groups = list(groups)
+        self.prefetch_numel, self.max_live_numel = int(prefetch_numel), int(max_live_numel)
+        self.max_reuse_distance = int(max_reuse_distance)
+        self.comm_dtype, self.on_reduced = comm_dtype, on_reduced
+        self.training = training_state_machine()
+        self.trace: List[int] = []
+        self._next_use: List[int] = []
+        self._numel_prefix: List[int] = [0]
+        self._current: List[int] = []
+        self._on_track = False
+        self._prefetch_cursor = 0
+        self._bwd_cursor = -1
+        self.live_numel = self.peak_live_numel = self.inflight_numel = 0
+        self.module_stack: List[str] = []
+        self._pending: List[tuple] = []
+        self.trainable_of = {g.index: [] for g in self.groups}
+
+    # --- gather / release -----------------------------------------------------------------
+    def fetch(self, group: ParamGroup) -> None:
+        """Make ``group`` usable now (waiting for a prefetch or gathering on demand)."""
+        if group.is_gathered:
+            return
+        if group.is_sharded:
+            self._start(group)
+        self.inflight_numel -= group.numel
+        group.finish_gather()
+
+    def _start(self, group: ParamGroup) -> None:
+        if not group.persistent:
+            self.live_numel += group.numel
+            self.peak_live_numel = max(self.peak_live_numel, self.live_numel)
+        self.inflight_numel += group.numel
+        group.start_gather()
+
+    def release(self, group: ParamGroup) -> None:
+        if group.persistent or group.is_sharded:
+            return
+        if group.state == ShardState.GATHERING:
+            self.inflight_numel -= group.numel
+        group.release()
+        self.live_numel -= group.numel
+
+    def release_all(self) -> None:
+        """Release every non-persistent group (``engine.empty_partition_cache()``)."""
+        for group in self.groups:
+            group.users = 0
+            self.release(group)
+
+    # --- forward --------------------------------------------------------------------------
+    def begin_forward(self) -> None:
+        if self.training == TrainingState.FORWARD:  # the previous forward raised
+            logger.debug("ZeRO-3: a forward began before the previous one ended; releasing its groups")
+            self.release_all()
+            self.training.to(TrainingState.IDLE)
+        if self.training != TrainingState.IDLE:
+            return  # forward during backward: activation checkpointing recomputes
+        self.training.to(TrainingState.FORWARD)
+        self._current, self._on_track, self._prefetch_cursor = [], bool(self.trace), 0
+
+    def end_forward(self) -> None:
+        if self.training != TrainingState.FORWARD:
+            return
+        for group in self.groups:
+            if group.users == 0:
+                self.release(group)
+        self._set_trace(self._current)
+        self.training.to(TrainingState.IDLE)
+
+    def _set_trace(self, trace: List[int]) -> None:
+        self.trace = list(trace)
+        self._next_use = [len(trace)] * len(trace)
+        last = {}
+        for position in range(len(trace) - 1, -1, -1):
+            self._next_use[position] = last.get(trace[position], len(trace))
+            last[trace[position]] = position
+        self._numel_prefix = [0]
+        for index in trace:
+            self._numel_prefix.append(self._numel_prefix[-1] + self.groups[index].numel)
+
+    def acquire(self, groups: Sequence[ParamGroup]) -> None:
+        """Pre-forward: gather ``groups`` for a module and prefetch what the recorded order says comes next."""
+        recording = self.training == TrainingState.FORWARD
+        for group in groups:
+            if recording:
+                position = len(self._current)
+                self._current.append(group.index)
+                group.last_position = position
+                if self._on_track and (position >= len(self.trace) or self.trace[position] != group.index):
+                    self._on_track = False
+            self.fetch(group)
+            group.users += 1
+        if recording and self._on_track and self.prefetch_numel > 0:
+            self._prefetch_forward(len(self._current))
+
+    def _prefetch_forward(self, start: int) -> None:
+        position = max(start, self._prefetch_cursor)
+        while position < len(self.trace):
+            group = self.groups[self.trace[position]]
+            if group.is_sharded and not group.persistent:
+                if not self._may_prefetch(group):
+                    break
+                self._start(group)
+            position += 1
+        self._prefetch_cursor = position
+
+    def _may_prefetch(self, group: ParamGroup) -> bool:
+        return (self.inflight_numel + group.numel <= self.prefetch_numel
+                and self.live_numel + group.numel <= self.max_live_numel)
+
+    def release_after_forward(self, groups: Sequence[ParamGroup]) -> None:
+        """Post-forward: release ``groups`` unless still used (an enclosing module, a near reuse)."""
+        for group in groups:
+            group.users = max(0, group.users - 1)
+            if group.users or group.persistent or self.training == TrainingState.BACKWARD:
+                continue
+            if self.training == TrainingState.FORWARD and self._reused_soon(group):
+                continue
+            self.release(group)
+
+    def _reused_soon(self, group: ParamGroup) -> bool:
+        if not self._on_track:
+            return False
+        position = getattr(group, "last_position", None)
+        if position is None or position >= len(self._next_use):
+            return False
+        following = self._next_use[position]
+        if following >= len(self.trace):
+            return False
+        current = len(self._current)
+        distance = self._numel_prefix[following] - self._numel_prefix[min(current, following)]
+        return distance <= self.max_reuse_distance
+
+    # --- backward -------------------------------------------------------------------------
+    def pre_backward(self, groups: Sequence[ParamGroup]) -> None:
+        """A module's backward is about to run: its groups must be gathered."""
+        if self.training == TrainingState.IDLE:
+            self.training.to(TrainingState.BACKWARD)
+            self._bwd_cursor = len(self.trace) - 1
+        for group in groups:
+            self.fetch(group)
+        if self.prefetch_numel > 0 and self.training == TrainingState.BACKWARD:
+            self._prefetch_backward()
+
+    def _prefetch_backward(self) -> None:
+        while self._bwd_cursor >= 0:
+            group = self.groups[self.trace[self._bwd_cursor]]
+            if (group.is_sharded and not group.persistent and not group.backward_done
+                    and self.trainable_of[group.index]):
+                if not self._may_prefetch(group):
+                    return
+                self._start(group)
+            self._bwd_cursor -= 1
+
+    def grad_ready(self, param: torch.nn.Parameter, group: ParamGroup) -> None:
+        """Post-accumulate-grad hook: reduce the group once all its trainable gradients are in."""
+        group.reported.add(id(param))
+        if len(group.reported) == len(self.trainable_of[group.index]):
+            self._reduce(group)
+            group.backward_done = True
+            if group.users == 0:
+                self.release(group)
+
+    def _reduce(self, group: ParamGroup) -> None:
+        group.reported.clear()
+        work, output, flat = group.start_reduce(self.comm_dtype, self.trainable_of[group.index])
+        self._pending.append((work, group, output, flat))
+        while len(self._pending) > _MAX_PENDING_REDUCES:
+            self._complete_oldest()
+
+    def _complete_oldest(self) -> None:
+        work, group, output, _ = self._pending.pop(0)
+        group.runner.wait(work, group.reduce_info)
+        self.on_reduced(group, output)
+
+    def end_backward(self) -> None:
+        """Flush groups whose gradients came in only partly, finish every reduce, release."""
+        for group in self.groups:
+            if group.reported:
+                self._reduce(group)
+        while self._pending:
+            self._complete_oldest()
+        # Recomputation under activation checkpointing may stop before a module's post-forward
+        # hook runs, so use counts are not trusted here: after backward no module is running.
+        for group in self.groups:
+            group.backward_done = False
+            group.users = 0
+            self.release(group)
+        self.module_stack.clear()
+        if self.training == TrainingState.BACKWARD:
+            self.training.to(TrainingState.IDLE)
+
+    @property
+    def has_pending_reduces(self) -> bool:
+        return bool(self._pending)
+
+    def current_module(self) -> Optional[str]:
+        return self.module_stack[-1] if self.module_stack else None

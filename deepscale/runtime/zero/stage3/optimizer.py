@@ -1,0 +1,382 @@
+"""The ZeRO stage 3 training optimizer (interface: ``runtime/dp_optimizer.py``).
+
+Note: what lives where (P_os+g+p of Rajbhandari et al. 2020). Every parameter is partitioned
+(``zero_param.py``): rank ``r`` keeps its piece in the model dtype (``param.ds_tensor``), and
+the fp32 masters of its trainable pieces are packed into one flat tensor per optimizer param
+group, which is what the torch optimizer sees, so its states (Adam's moments) are ``1/N`` of
+the model as well. Gradients are reduce-scattered group by group during backward and added,
+divided by the world size, into one fp32 flat gradient per param group aligned with the
+masters, so accumulation over micro-steps costs ``1/N`` of the gradients too. The step
+unscales/clips with the global norm (one all-reduce of squared local norms) through
+:class:`PrecisionOptimizer`, updates the masters, and copies them into the shards; only the
+persistent groups are re-gathered. Checkpoints use the portable fragment format: the rank's
+piece of each parameter is one fragment.
+"""
+from contextlib import contextmanager, nullcontext
+from typing import Dict, List, Optional
+
+import torch
+
+from deepscale import comm as dist
+from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
+from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
+from deepscale.runtime.zero.stage3.collectives import CollectiveRunner
+from deepscale.runtime.zero.stage3.coordinator import ParamCoordinator
+from deepscale.runtime.zero.stage3.external_check import PartitionedUseCheck
+from deepscale.runtime.zero.stage3.grouping import DEFAULT_GROUP_NUMEL, build_groups
+from deepscale.runtime.zero.stage3.hooks import install_module_hooks
+from deepscale.runtime.zero.stage3.param_group import ParamGroup
+from deepscale.runtime.zero.stage3.sequence_check import debug_enabled_from_env
+from deepscale.runtime.zero.stage3.state_dict import full_state_dict, install_load_hooks, serving_full_weights
+from deepscale.runtime.zero.stage3.states import TrainingState
+from deepscale.runtime.zero.stage3.watchdog import DEFAULT_WATCHDOG_TIMEOUT_S, Watchdog
+from deepscale.runtime.zero.stage3.zero_param import is_zero_param, partition_param, shard_range, take_shard
+from deepscale.runtime.zero.stage_1_and_2 import check_optimizer_is_tested
+from deepscale.utils.logging import logger
+
+
+class Stage3Optimizer:
+    """ZeRO stage 3: parameters, gradients and optimizer states partitioned over the data-parallel ranks.
+
+    Args:
+        module: the model, on its device; fp32 (masters are taken before the cast) or already
+            partitioned by ``deepscale.zero.Init``.
+        basic_optimizer: the torch optimizer over the model parameters (required).
+        model_dtype: dtype of the model (and of the shards).
+        loss_scaler, clip_grad, check_overflow: see :class:`PrecisionOptimizer`.
+        group, world_size: the data-parallel group.
+        accum_dtype: dtype of the accumulated gradient partitions (fp32 recommended).
+        comm_dtype: dtype gradients are reduce-scattered in. Default ``accum_dtype``.
+        prefetch_numel: ``stage3_prefetch_bucket_size``. Default 50M.
+        max_live_numel: ``stage3_max_live_parameters``. Default 1e9.
+        max_reuse_distance: ``stage3_max_reuse_distance``. Default 1e9.
+        persistence_threshold: ``stage3_param_persistence_threshold``. Default 100000.
+        group_numel: elements per all-gather group. Default ``min(prefetch_numel, 4M)``.
+        debug: sequence-check every collective (also ``DEEPSCALE_ZERO3_DEBUG=1``). Default False.
+        watchdog_timeout_s: seconds before a waiting collective is reported; 0 disables. Default 300.
+        allow_untested_optimizer: ``zero_allow_untested_optimizer``. Default False.
+        **unused: other training-optimizer arguments (``bucket_numel``, ``predivide_factor``)
+            accepted for the shared constructor signature.
+    """
+
+    def __init__(self, module: torch.nn.Module, basic_optimizer, model_dtype: torch.dtype, loss_scaler=None,
+                 clip_grad: float = 0.0, check_overflow: bool = False, group=None, world_size: int = 1,
+                 accum_dtype: torch.dtype = torch.float32, comm_dtype: Optional[torch.dtype] = None,
+                 prefetch_numel: int = 50_000_000, max_live_numel: int = 1_000_000_000,
+                 max_reuse_distance: int = 1_000_000_000, persistence_threshold: int = 100_000,
+                 group_numel: Optional[int] = None, debug: bool = False,
+                 watchdog_timeout_s: float = DEFAULT_WATCHDOG_TIMEOUT_S, allow_untested_optimizer: bool = False,
+                 **unused):
+        if basic_optimizer is None:
+            raise ValueError("zero_optimization.stage=3 partitions optimizer state, so it needs an optimizer: add an "
+                             "'optimizer' section to the config or pass optimizer= to initialize()")
+        check_optimizer_is_tested(basic_optimizer, allow_untested_optimizer)
+        self.basic, self.model_dtype = basic_optimizer, model_dtype
+        self.group, self.world_size = group, world_size
+        self.rank = dist.get_rank(group) if world_size > 1 else 0
+        self._loss_scaler, self._clip_grad, self._check_overflow = loss_scaler, clip_grad, check_overflow
+        self._module = module
+        self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
+        self.debug = bool(debug) or debug_enabled_from_env()
+        self.watchdog = Watchdog(watchdog_timeout_s, dist.get_rank() if dist.is_initialized() else 0)
+        self.runner = CollectiveRunner(group, world_size, debug=self.debug, watchdog=self.watchdog)
+        self.group_params = self._trainable_per_group()
+        fp32_shards = self._partition(module)
+        group_numel = group_numel if group_numel is not None else min(int(prefetch_numel), DEFAULT_GROUP_NUMEL)
+        self.groups: List[ParamGroup] = build_groups(module, self.runner, max(1, group_numel),
+                                                     int(persistence_threshold), self.param_names)
+        self._build_masters(fp32_shards)
+        comm_dtype = comm_dtype or accum_dtype
+        self.coordinator = ParamCoordinator(self.groups, prefetch_numel, max_live_numel, max_reuse_distance,
+                                            comm_dtype, self._accumulate)
+        managed = {id(p) for params in self.group_params for p in params}
+        for g in self.groups:
+            self.coordinator.trainable_of[g.index] = [p for p in g.params if id(p) in managed]
+        self.precision: Optional[PrecisionOptimizer] = None
+        self._handles, self._module_hooks = [], []
+        self._pending_grads = False
+        self._forwards = 0
+
+    # --- construction ---------------------------------------------------------------------
+    def _trainable_per_group(self) -> List[List[torch.nn.Parameter]]:
+        out = []
+        for group in self.basic.param_groups:
+            out.append([p for p in group["params"] if p.requires_grad and p in self.param_names])
+        managed = {id(p) for params in out for p in params}
+        stray = [n for p, n in self.param_names.items() if p.requires_grad and id(p) not in managed]
+        if stray:
+            logger.warning(f"{len(stray)} trainable parameter(s) are not in the optimizer and will not be updated "
+                           f"by ZeRO-3, e.g. {stray[:3]}")
+        return out
+
+    @torch.no_grad()
+    def _partition(self, module: torch.nn.Module) -> Dict[int, torch.Tensor]:
+        """Partition every parameter not yet partitioned; returns the fp32 pieces of the trainable ones."""
+        managed = {id(p) for params in self.group_params for p in params}
+        fp32 = {}
+        for param, name in self.param_names.items():
+            if is_zero_param(param):
+                if param.ds_world_size != self.world_size:
+                    raise ValueError(f"parameter {name} was partitioned by zero.Init over {param.ds_world_size} "
+                                     f"ranks but the engine's data-parallel group has {self.world_size}")
+                if id(param) in managed:
+                    fp32[id(param)] = param.ds_tensor.detach().float().clone()
+                if param.ds_tensor.dtype != self.model_dtype:
+                    param.ds_tensor = param.ds_tensor.to(self.model_dtype)
+                    param.data = torch.empty(0, dtype=self.model_dtype, device=param.ds_tensor.device)
+                continue
+            if id(param) in managed:
+                fp32[id(param)] = take_shard(param.data.float(), self.rank, self.world_size)
+            partition_param(param, self.group, self.world_size, self.rank, dtype=self.model_dtype)
+        return fp32
+
+    def _build_masters(self, fp32_shards: Dict[int, torch.Tensor]) -> None:
+        self._masters: List[Optional[torch.Tensor]] = []
+        self._master_grads: List[Optional[torch.Tensor]] = []
+        self._slots: Dict[int, tuple] = {}  # id(param) -> (param group index, offset, length)
+        for index, params in enumerate(self.group_params):
+            if not params:
+                self._masters.append(None)
+                self._master_grads.append(None)
+                continue
+            master = torch.nn.Parameter(torch.cat([fp32_shards[id(p)] for p in params]))
+            self._masters.append(master)
+            self._master_grads.append(torch.zeros_like(master.detach()))
+            offset = 0
+            for param in params:
+                length = param.ds_tensor.numel()
+                self._slots[id(param)] = (index, offset, length)
+                param._ds_master_view = master.detach()[offset:offset + length]
+                offset += length
+        managed = [p for params in self.group_params for p in params]
+        self._publish_dst = [p.ds_tensor for p in managed]
+        self._publish_src = [p._ds_master_view for p in managed]
+        self._accumulate_plan = {}
+        for g in self.groups:
+            plan = [(self._master_grads[self._slots[id(p)][0]][self._slots[id(p)][1]:][:c], off, c)
+                    for p, off, c in zip(g.params, g.offsets, g.chunks) if id(p) in self._slots]
+            self._accumulate_plan[g.index] = plan
+
+    @torch.no_grad()
+    def attach(self) -> None:
+        """Install masters, hooks and state-dict hooks; gather persistent groups. Call after the dtype cast."""
+        for index, group in enumerate(self.basic.param_groups):
+            group["params"] = [self._masters[index]] if self._masters[index] is not None else []
+        if self.basic.state:
+            logger.warning("the optimizer passed to ZeRO-3 already has state; it is dropped (states are rebuilt per "
+                           "partition)")
+            self.basic.state.clear()
+        self.precision = PrecisionOptimizer(self.basic, model_dtype=torch.float32, loss_scaler=self._loss_scaler,
+                                            clip_grad=self._clip_grad, check_overflow=self._check_overflow)
+        self._module_hooks = install_module_hooks(self._module, self.coordinator)
+        for g in self.groups:
+            for param in self.coordinator.trainable_of[g.index]:
+                self._handles.append(param.register_post_accumulate_grad_hook(self._on_grad))
+        for param, name in self.param_names.items():
+            if param.requires_grad and id(param) not in self._slots:
+                self._handles.append(param.register_post_accumulate_grad_hook(_drop_grad))
+        self._handles.extend(install_load_hooks(self._module))
+        self._refresh_persistent()
+
+    def _on_grad(self, param: torch.nn.Parameter) -> None:
+        self.coordinator.grad_ready(param, param._ds_group)
+
+    @torch.no_grad()
+    def _accumulate(self, group: ParamGroup, output: torch.Tensor) -> None:
+        plan = self._accumulate_plan[group.index]
+        if not plan:
+            return
+        if output.dtype != torch.float32:
+            output = output.float()
+        torch._foreach_add_([dst for dst, _, _ in plan], [output[off:off + c] for _, off, c in plan],
+                            alpha=1.0 / self.world_size)
+
+    @torch.no_grad()
+    def _refresh_persistent(self) -> None:
+        # Gathered copies are stale once the shards change: persistent groups are gathered
+        # again, any other group still gathered is released (it is gathered again when used).
+        for g in self.groups:
+            if g.persistent:
+                g.release()
+                g.finish_gather()
+            elif not g.is_sharded:
+                g.users = 0
+                self.coordinator.release(g)
+
+    # --- forward / backward ---------------------------------------------------------------
+    def forward_context(self):
+        """Wraps the engine's forward: the first forward (every one in debug mode) checks for
+        partitioned parameters used outside the modules that gather them."""
+        self._forwards += 1
+        if self._forwards == 1 or self.debug:
+            return PartitionedUseCheck(self.param_names, self.coordinator.current_module)
+        return nullcontext()
+
+    def prepare_backward(self, sync: bool) -> None:
+        """Gradients are reduce-scattered every micro-step, so ``sync`` changes nothing."""
+
+    def finish_backward(self, sync: bool) -> None:
+        self.coordinator.end_backward()
+        self._pending_grads = True
+
+    @property
+    def has_pending_grads(self) -> bool:
+        return self._pending_grads
+
+    # --- step -----------------------------------------------------------------------------
+    def _global_grad_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
+        local = torch.zeros((), dtype=torch.float32)
+        if grads:
+            local = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).pow(2).sum()
+        if self.world_size > 1:
+            dist.all_reduce(local, group=self.group)
+        return local.sqrt()
+
+    def step(self) -> bool:
+        """Unscale, clip, check overflow and update the fp32 masters; publish them into the shards."""
+        self.coordinator.training.to(TrainingState.STEP)
+        try:
+            grads = []
+            for master, grad in zip(self._masters, self._master_grads):
+                if master is not None:
+                    master.grad = grad
+                    grads.append(grad)
+            applied = self.precision.step(grad_norm=self._global_grad_norm(grads))
+            if applied:
+                self.publish_masters()
+            self.precision.zero_grad()
+            self.runner.step += 1
+        finally:
+            self.coordinator.training.to(TrainingState.IDLE)
+        return applied
+
+    @torch.no_grad()
+    def publish_masters(self) -> None:
+        """Copy the fp32 masters into the shards and refresh the persistent groups."""
+        if self._publish_dst:
+            torch._foreach_copy_(self._publish_dst, self._publish_src)
+        self._refresh_persistent()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for grad in self._master_grads:
+            if grad is not None:
+                grad.zero_()
+        if self.precision is not None:
+            self.precision.zero_grad()
+        self._pending_grads = False
+
+    # --- what the engine and users read ---------------------------------------------------
+    @property
+    def loss_scale(self) -> float:
+        return self.precision.loss_scale
+
+    cur_scale = loss_scale
+
+    @property
+    def last_grad_norm(self):
+        return self.precision.last_grad_norm
+
+    @property
+    def param_groups(self):
+        return self.basic.param_groups
+
+    @property
+    def state(self):
+        return self.basic.state
+
+    @property
+    def basic_optimizer(self):
+        return self.basic
+
+    @property
+    def user_optimizer(self):
+        return self
+
+    @property
+    def masters(self) -> List[torch.Tensor]:
+        return [m for m in self._masters if m is not None]
+
+    def empty_partition_cache(self) -> None:
+        """Release every gathered (non-persistent) group."""
+        self.coordinator.release_all()
+
+    # --- module weights -------------------------------------------------------------------
+    def consolidated_state_dict(self, rank0_only: bool = True, dtype: Optional[torch.dtype] = None):
+        """The full module state dict on CPU (on rank 0 only by default); every rank must call it."""
+        return full_state_dict(self._module, self.groups, rank0_only=rank0_only, dtype=dtype)
+
+    @contextmanager
+    def module_state_context(self):
+        """While active, ``module.state_dict()`` on rank 0 returns whole weights (a collective on entry)."""
+        full = {}
+        for g in self.groups:
+            was = g.is_gathered
+            g.finish_gather()
+            if self.rank == 0:
+                for param in g.params:
+                    full[id(param)] = param.data.detach().to("cpu", copy=True)
+            if not was:
+                g.release()
+        with serving_full_weights(self._module, full):
+            yield
+
+    # --- checkpoints ----------------------------------------------------------------------
+    saves_per_rank = True
+
+    def owned_fragments(self) -> List[OwnedFragment]:
+        """The rank's piece of each trainable parameter, as portable fragments."""
+        out = []
+        for index, params in enumerate(self.group_params):
+            for param in params:
+                _, offset, _ = self._slots[id(param)]
+                begin, end = shard_range(param.ds_numel, self.rank, self.world_size)
+                if end > begin:
+                    out.append(OwnedFragment(self.param_names[param], tuple(param.ds_shape), begin, end - begin,
+                                             self._masters[index], offset, index))
+        return out
+
+    def state_dict(self) -> dict:
+        """This rank's portable shard (``runtime/checkpoint/portable.py``)."""
+        names = [[self.param_names[p] for p in params] for params in self.group_params]
+        return export_shard(self.basic, self.owned_fragments(), names, self._loss_scaler, zero_stage=3)
+
+    def load_state_dict(self, state: dict, load_optimizer_states: bool = True) -> None:
+        self.load_shards([state], load_optimizer_states=load_optimizer_states)
+
+    def load_shards(self, shards, load_optimizer_states: bool = True) -> None:
+        """Load this rank's fragments from every shard of a checkpoint (any stage, any world size)."""
+        import_shards(shards, self.basic, self.owned_fragments(), self._loss_scaler, load_optimizer_states)
+        self.publish_masters()
+
+    @torch.no_grad()
+    def reseed_masters(self, module: torch.nn.Module, module_state: dict) -> None:
+        """Set the fp32 masters from whole saved weights (``load_module_only``)."""
+        for frag in self.owned_fragments():
+            if frag.name in module_state:
+                flat = module_state[frag.name].reshape(-1)[frag.start:frag.start + frag.numel]
+                frag.master_view().copy_(flat.float())
+        self.publish_masters()
+
+    def destroy(self) -> None:
+        for hooks in self._module_hooks:
+            hooks.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._module_hooks, self._handles = [], []
+        self.watchdog.close()
+
+
+def _drop_grad(param: torch.nn.Parameter) -> None:
+    # A trainable parameter the optimizer does not update: its gradient is not needed.
+    param.grad = None
+
+
+def stage3_optimizer_kwargs(config) -> dict:
+    """The :class:`Stage3Optimizer` arguments that come from the ``zero_optimization`` section."""
+    zero = config.zero_optimization
+    return dict(prefetch_numel=int(zero.prefetch_bucket_size), max_live_numel=int(zero.max_live_parameters),
+                max_reuse_distance=int(zero.max_reuse_distance),
+                persistence_threshold=int(zero.param_persistence_threshold),
+                debug=bool(getattr(zero, "debug_sequence_check", False)),
+                watchdog_timeout_s=float(getattr(zero, "watchdog_timeout", DEFAULT_WATCHDOG_TIMEOUT_S)),
+                allow_untested_optimizer=bool(getattr(config, "zero_allow_untested_optimizer", False)))

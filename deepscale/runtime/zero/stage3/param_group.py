@@ -1,0 +1,175 @@
+"""A parameter group: the parameters that are all-gathered and reduce-scattered together.
+
+Note: the group layout. The group's shard is the concatenation of its parameters' shards
+(``p.ds_tensor`` become views into ``shard_flat``), ``S`` elements in all. One all-gather
+of ``shard_flat`` returns ``world_size`` rows of ``S`` elements, rank-major; parameter ``p``
+with shard offset ``o`` and shard length ``c`` is the column block ``[:, o:o+c]`` of those rows,
+read row by row. A one-parameter group's rows are the padded parameter itself, so it is used in
+place; otherwise each parameter's column block is copied out into its own padded region of the
+full buffer (one copy per parameter). Gradients travel the opposite way: each gradient is
+copied into its column block of a rank-major buffer, one reduce-scatter sums the rows and
+leaves this rank's ``S`` elements, aligned with ``shard_flat``. This is the same split PyTorch
+FSDP2 uses (``foreach_all_gather`` copy-out, ``foreach_reduce`` copy-in).
+"""
+from typing import List, Optional, Sequence
+
+import torch
+
+from deepscale.runtime.zero.stage3.collectives import CollectiveRunner
+from deepscale.runtime.zero.stage3.sequence_check import CollectiveInfo
+from deepscale.runtime.zero.stage3.states import ShardState, ZeroParamStatus, shard_state_machine
+from deepscale.runtime.zero.stage3.zero_param import empty_like_param
+
+_MAX_NAMES_SHOWN = 4
+
+
+def _short_list(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_NAMES_SHOWN])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > _MAX_NAMES_SHOWN else "")
+
+
+class ParamGroup:
+    """Parameters gathered and reduced together (see the module Note).
+
+    Args:
+        index: position of the group (same on every rank).
+        params: partitioned parameters (same dtype and device), in layout order.
+        names: their names, for messages.
+        module_names: names of the modules that own them, for messages.
+        runner: issues the collectives.
+        persistent: gathered once and kept (``stage3_param_persistence_threshold``).
+    """
+
+    def __init__(self, index: int, params: List[torch.nn.Parameter], names: List[str], module_names: List[str],
+                 runner: CollectiveRunner, persistent: bool = False):
+        if not params:
+            raise ValueError("a parameter group needs at least one parameter")
+        self.index, self.params, self.names = index, params, names
+        self.module_names = module_names
+        self.runner, self.persistent = runner, persistent
+        self.world_size = runner.world_size
+        self.chunks = [p.ds_tensor.numel() for p in params]
+        self.offsets = [sum(self.chunks[:i]) for i in range(len(params))]
+        self.shard_numel = sum(self.chunks)
+        self.numel = sum(p.ds_numel for p in params)
+        self.dtype, self.device = params[0].ds_tensor.dtype, params[0].ds_tensor.device
+        if len(params) == 1:
+            self.shard_flat = params[0].ds_tensor
+        else:
+            self.shard_flat = torch.cat([p.ds_tensor.to(self.dtype) for p in params])
+        for param, offset, chunk in zip(params, self.offsets, self.chunks):
+            param.ds_tensor = self.shard_flat[offset:offset + chunk]
+            param._ds_group = self
+            param.ds_persist = persistent
+        self.state = shard_state_machine(f"parameter group {index} ({_short_list(module_names)})")
+        self.users = 0
+        self.reported: set = set()
+        self.backward_done = False
+        self._work, self._gathered, self._full = None, None, None
+        modules, shown = _short_list(module_names), _short_list(names)
+        self.gather_info = CollectiveInfo("all_gather", index, modules, shown, self.shard_numel)
+        self.reduce_info = CollectiveInfo("reduce_scatter", index, modules, shown, self.shard_numel * self.world_size)
+
+    # --- gather / release -----------------------------------------------------------------
+    @torch.no_grad()
+    def start_gather(self) -> None:
+        """Issue the all-gather (asynchronous); :meth:`finish_gather` makes parameters usable."""
+        self.state.to(ShardState.GATHERING)
+        for param in self.params:
+            param.ds_status = ZeroParamStatus.INFLIGHT
+        if self.world_size == 1:
+            self._work = None
+            return
+        self._gathered = torch.empty(self.world_size * self.shard_numel, dtype=self.dtype, device=self.device)
+        self._work = self.runner.all_gather(self._gathered, self.shard_flat, self.gather_info)
+
+    @torch.no_grad()
+    def finish_gather(self) -> None:
+        """Wait for the all-gather (starting it if needed) and point every ``param.data`` at its full value."""
+        if self.state == ShardState.GATHERED:
+            return
+        if self.state == ShardState.SHARDED:
+            self.start_gather()
+        if self._work is not None:
+            self.runner.wait(self._work, self.gather_info)
+        self._work = None
+        self._materialize()
+        self.state.to(ShardState.GATHERED)
+
+    def _materialize(self) -> None:
+        world = self.world_size
+        if world == 1:
+            full, stride = self.shard_flat, 1
+        elif len(self.params) == 1:
+            full, stride = self._gathered, world
+        else:
+            rows = self._gathered.view(world, self.shard_numel)
+            full, stride = torch.empty_like(self._gathered), world
+            for offset, chunk in zip(self.offsets, self.chunks):
+                full[offset * world:(offset + chunk) * world].view(world, chunk).copy_(rows[:, offset:offset + chunk])
+        self._gathered, self._full = None, full
+        for param, offset in zip(self.params, self.offsets):
+            param.data = full[offset * stride:offset * stride + param.ds_numel].view(param.ds_shape)
+            param.ds_status = ZeroParamStatus.AVAILABLE
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Drop the full values (waits for an all-gather still in flight first)."""
+        if self.state == ShardState.SHARDED:
+            return
+        if self.state == ShardState.GATHERING:
+            self.finish_gather()
+        self.state.to(ShardState.SHARDED)
+        empty = empty_like_param(self.dtype, self.device)
+        for param in self.params:
+            param.data = empty
+            param.ds_status = ZeroParamStatus.NOT_AVAILABLE
+        self._full = None
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.state == ShardState.SHARDED
+
+    @property
+    def is_gathered(self) -> bool:
+        return self.state == ShardState.GATHERED
+
+    # --- gradients ------------------------------------------------------------------------
+    @torch.no_grad()
+    def start_reduce(self, comm_dtype: torch.dtype, trainable: Sequence[torch.nn.Parameter]):
+        """Copy the gradients of ``trainable`` into the rank-major buffer and issue the
+        reduce-scatter; clears their ``.grad``. Returns ``(work, output)``, ``output`` aligned
+        with ``shard_flat``."""
+        world = self.world_size
+        single = len(self.params) == 1 and trainable
+        grad = trainable[0].grad if single else None
+        if (single and grad is not None and grad.dtype == comm_dtype and grad.is_contiguous()
+                and grad.numel() == world * self.shard_numel):
+            flat = grad.reshape(-1)
+        else:
+            flat = torch.zeros(world * self.shard_numel, dtype=comm_dtype, device=self.device)
+            rows = flat.view(world, self.shard_numel)
+            position = {id(p): i for i, p in enumerate(self.params)}
+            for param in trainable:
+                if param.grad is not None:
+                    index = position[id(param)]
+                    _copy_into_rows(rows, param.grad.reshape(-1), self.offsets[index], self.chunks[index])
+        for param in trainable:
+            param.grad = None
+        output = torch.empty(self.shard_numel, dtype=comm_dtype, device=self.device)
+        return self.runner.reduce_scatter(output, flat, self.reduce_info), output, flat
+
+
+def _copy_into_rows(rows: torch.Tensor, grad: torch.Tensor, offset: int, chunk: int) -> None:
+    """Write the flat ``grad`` as consecutive rows of length ``chunk`` into column block ``offset``."""
+    full_rows = grad.numel() // chunk
+    if full_rows:
+        rows[:full_rows, offset:offset + chunk].copy_(grad[:full_rows * chunk].view(full_rows, chunk))
+    rest = grad.numel() - full_rows * chunk
+    if rest:
+        rows[full_rows, offset:offset + rest].copy_(grad[full_rows * chunk:])
+
+
+def find_group(param) -> Optional[ParamGroup]:
+    """The group a partitioned parameter belongs to, or None."""
+    return getattr(param, "_ds_group", None)
