@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from deepscale import comm as dist
+from deepscale.runtime.zero.collectives import REDUCE_METHODS, reduce_scatter_flat
 from deepscale.runtime.zero.partition import BucketPlan
 
 
@@ -35,7 +35,7 @@ class ZeroBucket:
         self.seen = [False] * len(params)
         self.num_ready = 0
         self.launched = False
-        self.handle = None
+        self.handles: List = []
         self.result: Optional[torch.Tensor] = None
 
     @property
@@ -59,8 +59,8 @@ class PartitionedGradients:
         comm_dtype: dtype on the wire. Default ``accum_dtype``.
         overlap_comm: launch reductions from the backward hooks (asynchronous) instead of
             after backward. Default True.
-        use_reduce_scatter: reduce with ``reduce_scatter``; False uses ``all_reduce`` and keeps
-            the own chunk (``zero_optimization.reduce_scatter``). Default True.
+        reduce_method: how a bucket is reduced to its chunks, one of ``collectives.REDUCE_METHODS``
+            (see ``collectives.pick_methods``). Default ``"reduce_scatter"``.
         predivide_factor: divide before the reduction by this, after it by
             ``world_size / predivide_factor``. Default 1.0.
         param_names: names used in error messages.
@@ -69,15 +69,17 @@ class PartitionedGradients:
 
     def __init__(self, buckets: Sequence[ZeroBucket], stage: int, rank: int, world_size: int, group=None,
                  accum_dtype: torch.dtype = torch.float32, comm_dtype: Optional[torch.dtype] = None,
-                 overlap_comm: bool = True, use_reduce_scatter: bool = True, predivide_factor: float = 1.0,
+                 overlap_comm: bool = True, reduce_method: str = "reduce_scatter", predivide_factor: float = 1.0,
                  param_names: Optional[Dict[torch.nn.Parameter, str]] = None, max_inflight: int = 2):
         if stage not in (1, 2):
             raise ValueError(f"PartitionedGradients: stage must be 1 or 2, got {stage}")
+        if reduce_method not in REDUCE_METHODS:
+            raise ValueError(f"reduce_method must be one of {REDUCE_METHODS}, got {reduce_method!r}")
         self.buckets = list(buckets)
         self.stage, self.rank, self.world_size, self.group = stage, rank, world_size, group
         self.accum_dtype = accum_dtype
         self.comm_dtype = comm_dtype or accum_dtype
-        self.overlap_comm, self.use_reduce_scatter = overlap_comm, use_reduce_scatter
+        self.overlap_comm, self.reduce_method = overlap_comm, reduce_method
         self.predivide_factor = float(predivide_factor)
         self.max_inflight = max(1, int(max_inflight))
         self._names = param_names or {}
@@ -145,15 +147,11 @@ class PartitionedGradients:
         bucket.launched = True
         self._next_to_launch = bucket.index + 1
         if self.world_size == 1:
-            bucket.result, bucket.handle = staging[:chunk], None
+            bucket.result, bucket.handles = staging[:chunk], []
         else:
             tensor = staging if self.comm_dtype == staging.dtype else staging.to(self.comm_dtype)
-            if self.use_reduce_scatter:
-                bucket.result = torch.empty(chunk, dtype=self.comm_dtype, device=tensor.device)
-                bucket.handle = dist.reduce_scatter_tensor(bucket.result, tensor, group=self.group, async_op=True)
-            else:
-                bucket.handle = dist.all_reduce(tensor, group=self.group, async_op=True)
-                bucket.result = tensor[self.rank * chunk:(self.rank + 1) * chunk]
+            bucket.handles, bucket.result = reduce_scatter_flat(tensor, self.rank, self.world_size, self.group,
+                                                                self.reduce_method)
         self._inflight.append(bucket)
         limit = self.max_inflight if self.overlap_comm else 0
         if self.stage == 2:
@@ -161,8 +159,8 @@ class PartitionedGradients:
                 self._complete(self._inflight.pop(0))
 
     def _complete(self, bucket: ZeroBucket) -> None:
-        if bucket.handle is not None:
-            bucket.handle.wait()
+        for handle in bucket.handles:
+            handle.wait()
         scale = self.predivide_factor / self.world_size
         if self.stage == 1:
             if bucket.result.data_ptr() != bucket.own_grad.data_ptr():
@@ -172,7 +170,7 @@ class PartitionedGradients:
         else:
             bucket.own_grad.add_(bucket.result, alpha=scale)
             bucket.staging = None  # stage 2 never keeps a full bucket past its reduction
-        bucket.handle = bucket.result = None
+        bucket.handles, bucket.result = [], None
 
     def finish_backward(self, sync: bool) -> List[torch.nn.Parameter]:
         """Complete this backward's reductions; returns the parameters that got no gradient.

@@ -21,11 +21,17 @@ import torch
 from deepscale import comm as dist
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
+from deepscale.runtime.zero.collectives import all_gather_flat, pick_methods
 from deepscale.runtime.zero.grad_partitioner import PartitionedGradients, ZeroBucket
 from deepscale.runtime.zero.memory import estimate_zero2_model_states_mem_needs_all_live  # noqa: F401 (re-export)
 from deepscale.runtime.zero.partition import order_buckets, plan_group_buckets
 from deepscale.runtime.zero.zero_access import FullTensorAccess
 from deepscale.utils.logging import logger
+
+# Stage 2 stages a bucket's full gradient until its reduction: buckets larger than this (16 MB
+# of fp32) would bring back the full-gradient memory stage 2 exists to remove, so
+# reduce_bucket_size is capped here (fewer, larger collectives gain nothing beyond this size).
+STAGE2_MAX_BUCKET_NUMEL = 1 << 22
 
 # Optimizers whose update is elementwise, so a flat chunk update equals the whole-tensor one.
 _TESTED_OPTIMIZER_NAMES = {"Adam", "AdamW", "SGD", "Adagrad", "Lion", "DeepScaleCPUAdam", "FusedAdam",
@@ -52,7 +58,8 @@ class ZeroOptimizer:
         model_dtype: dtype the model will be cast to before :meth:`attach`.
         loss_scaler, clip_grad, check_overflow: see :class:`PrecisionOptimizer`.
         group, world_size: the data-parallel group.
-        bucket_numel: ``reduce_bucket_size`` in elements. Default 500M.
+        bucket_numel: ``reduce_bucket_size`` in elements (at stage 2 at most
+            ``STAGE2_MAX_BUCKET_NUMEL``). Default 500M.
         allgather_bucket_numel: ``allgather_bucket_size``: elements of all-gathers in flight
             before waiting. Default 500M.
         accum_dtype, comm_dtype, predivide_factor: gradient accumulation/communication dtypes.
@@ -82,13 +89,15 @@ class ZeroOptimizer:
         self.basic = basic_optimizer
         self._loss_scaler, self._clip_grad, self._check_overflow = loss_scaler, clip_grad, check_overflow
         self.allgather_bucket_numel = int(allgather_bucket_numel)
-        self.allgather_partitions = allgather_partitions
         self.ignore_unused_parameters = ignore_unused_parameters
+        backend = dist.get_backend(group) if world_size > 1 else "none"
+        reduce_method, self.gather_method = pick_methods(backend, reduce_scatter, allgather_partitions)
         self._grad_args = dict(accum_dtype=accum_dtype, comm_dtype=comm_dtype, overlap_comm=overlap_comm,
-                               use_reduce_scatter=reduce_scatter, predivide_factor=predivide_factor)
+                               reduce_method=reduce_method, predivide_factor=predivide_factor)
         self._module = module
         self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
-        self.buckets = self._plan(module, int(bucket_numel))
+        layout_numel = int(bucket_numel) if stage == 1 else min(int(bucket_numel), STAGE2_MAX_BUCKET_NUMEL)
+        self.buckets = self._plan(module, layout_numel)
         if self.basic.state:
             logger.warning("the optimizer passed to ZeRO already has state; it is dropped (states are rebuilt "
                            "per partition)")
@@ -210,10 +219,7 @@ class ZeroOptimizer:
                 own.copy_(master)
             if self.world_size == 1:
                 continue
-            if not self.allgather_partitions:
-                self._broadcast_chunks(bucket, flat)
-                continue
-            handles.append(dist.all_gather_into_tensor(flat, own, group=self.group, async_op=True))
+            handles += all_gather_flat(flat, self.rank, self.world_size, self.group, self.gather_method)
             inflight += bucket.plan.padded
             if inflight >= self.allgather_bucket_numel:
                 for handle in handles:
@@ -221,12 +227,6 @@ class ZeroOptimizer:
                 handles, inflight = [], 0
         for handle in handles:
             handle.wait()
-
-    def _broadcast_chunks(self, bucket: ZeroBucket, flat: torch.Tensor) -> None:
-        chunk = bucket.plan.chunk
-        for owner in range(self.world_size):
-            src = dist.get_global_rank(self.group, owner) if self.group is not None else owner
-            dist.broadcast(flat[owner * chunk:(owner + 1) * chunk], src=src, group=self.group)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.grads.zero()

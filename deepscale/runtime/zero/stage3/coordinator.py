@@ -158,7 +158,8 @@ class ParamCoordinator:
             group.users = max(0, group.users - 1)
             if group.users or group.persistent or self.training == TrainingState.BACKWARD:
                 continue
-            if self.training == TrainingState.FORWARD and self._reused_soon(group):
+            if (self.training == TrainingState.FORWARD and self.live_numel <= self.max_live_numel
+                    and self._reused_soon(group)):
                 continue
             self.release(group)
 

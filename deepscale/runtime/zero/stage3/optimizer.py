@@ -51,20 +51,23 @@ class Stage3Optimizer:
         max_live_numel: ``stage3_max_live_parameters``. Default 1e9.
         max_reuse_distance: ``stage3_max_reuse_distance``. Default 1e9.
         persistence_threshold: ``stage3_param_persistence_threshold``. Default 100000.
-        group_numel: elements per all-gather group. Default ``min(prefetch_numel, 4M)``.
+        bucket_numel: ``reduce_bucket_size``: a parameter group (what one all-gather and one
+            reduce-scatter carry) is closed at a module boundary once it reaches
+            ``min(bucket_numel, 4M)`` elements. Default 500M.
         debug: sequence-check every collective (also ``DEEPSCALE_ZERO3_DEBUG=1``). Default False.
         watchdog_timeout_s: seconds before a waiting collective is reported; 0 disables. Default 300.
         allow_untested_optimizer: ``zero_allow_untested_optimizer``. Default False.
-        **unused: other training-optimizer arguments (``bucket_numel``, ``predivide_factor``)
-            accepted for the shared constructor signature.
+        **unused: other training-optimizer arguments (``predivide_factor``) accepted for the
+            shared constructor signature.
     """
 
     def __init__(self, module: torch.nn.Module, basic_optimizer, model_dtype: torch.dtype, loss_scaler=None,
                  clip_grad: float = 0.0, check_overflow: bool = False, group=None, world_size: int = 1,
-                 accum_dtype: torch.dtype = torch.float32, comm_dtype: Optional[torch.dtype] = None,
+                 bucket_numel: int = 500_000_000, accum_dtype: torch.dtype = torch.float32,
+                 comm_dtype: Optional[torch.dtype] = None,
                  prefetch_numel: int = 50_000_000, max_live_numel: int = 1_000_000_000,
                  max_reuse_distance: int = 1_000_000_000, persistence_threshold: int = 100_000,
-                 group_numel: Optional[int] = None, debug: bool = False,
+                 debug: bool = False,
                  watchdog_timeout_s: float = DEFAULT_WATCHDOG_TIMEOUT_S, allow_untested_optimizer: bool = False,
                  **unused):
         if basic_optimizer is None:
@@ -82,7 +85,7 @@ class Stage3Optimizer:
         self.runner = CollectiveRunner(group, world_size, debug=self.debug, watchdog=self.watchdog)
         self.group_params = self._trainable_per_group()
         fp32_shards = self._partition(module)
-        group_numel = group_numel if group_numel is not None else min(int(prefetch_numel), DEFAULT_GROUP_NUMEL)
+        group_numel = min(int(bucket_numel), DEFAULT_GROUP_NUMEL)
         self.groups: List[ParamGroup] = build_groups(module, self.runner, max(1, group_numel),
                                                      int(persistence_threshold), self.param_names)
         self._build_masters(fp32_shards)
