@@ -158,7 +158,7 @@ class CPUOptimizerBase(torch.optim.Optimizer):
             state = self.state.get(param)
             if grad is None or not state:
                 return None
-            sig.append((param.data_ptr(), grad.data_ptr(), grad.dtype, grad.is_contiguous(),
+            sig.append((param.data_ptr(), param.dtype, grad.data_ptr(), grad.dtype, grad.is_contiguous(),
                         *[state[n].data_ptr() for n in names]))
         if outs is not None:
             sig.append(tuple(o.data_ptr() for o in outs))

@@ -202,3 +202,25 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     builder_module._LOADED.clear()
     assert builder.load().ds_tiny_add_one(1) == 2
     assert os.path.exists(json.loads(marker.read_text())["path"])
+
+
+def test_cuda_major_mismatch_and_missing_nvcc_are_reasons(monkeypatch):
+    import torch
+
+    from op_builder import fused_adam
+    monkeypatch.setattr(fused_adam, "find_nvcc", lambda: "/opt/cuda/bin/nvcc")
+    monkeypatch.setattr(fused_adam, "_nvcc_version", lambda nvcc: (13, 0))
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    compat = fused_adam.FusedAdamBuilder().is_compatible()
+    assert not compat and "CUDA major mismatch" in compat.reason and "12.4" in compat.reason
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert fused_adam.FusedAdamBuilder().is_compatible()
+    monkeypatch.setattr(fused_adam, "find_nvcc", lambda: None)
+    assert "no nvcc" in fused_adam.FusedAdamBuilder().is_compatible().reason
+
+
+def test_missing_libaio_headers_is_a_reason(monkeypatch):
+    from op_builder import async_io
+    monkeypatch.setattr(async_io, "find_libaio_header", lambda: None)
+    compat = async_io.AsyncIOBuilder().is_compatible()
+    assert not compat and "no libaio headers" in compat.reason
