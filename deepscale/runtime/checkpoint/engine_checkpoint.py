@@ -136,7 +136,8 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
     if state.optimizer is not None:
         if saved.get("format_version", 1) < 2:
             raise ValueError(f"{path} was written by an older deepscale (checkpoint format "
-                             f"{saved.get('format_version', 1)}); this version reads format {CHECKPOINT_FORMAT_VERSION}")
+                             f"{saved.get('format_version', 1)}); this version reads format "
+                             f"{CHECKPOINT_FORMAT_VERSION}")
         if saved.get("num_optimizer_shards", 0) > 0 and state.optimizer.basic_optimizer is not None:
             state.optimizer.load_shards(iter_optimizer_shards(path, saved["num_optimizer_shards"]),
                                         load_optimizer_states=load_optimizer_states)

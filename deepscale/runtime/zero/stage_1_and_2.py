@@ -23,10 +23,13 @@ from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, i
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.zero.collectives import all_gather_flat, pick_methods
 from deepscale.runtime.zero.grad_partitioner import PartitionedGradients, ZeroBucket
-from deepscale.runtime.zero.memory import estimate_zero2_model_states_mem_needs_all_live  # noqa: F401 (re-export)
+from deepscale.runtime.zero.memory import estimate_zero2_model_states_mem_needs_all_live
 from deepscale.runtime.zero.partition import order_buckets, plan_group_buckets
 from deepscale.runtime.zero.zero_access import FullTensorAccess
 from deepscale.utils.logging import logger
+
+__all__ = ["ZeroOptimizer", "check_optimizer_is_tested", "estimate_zero2_model_states_mem_needs_all_live",
+           "zero_optimizer_kwargs"]
 
 # Stage 2 stages a bucket's full gradient until its reduction: buckets larger than this (16 MB
 # of fp32) would bring back the full-gradient memory stage 2 exists to remove, so
@@ -159,7 +162,8 @@ class ZeroOptimizer:
             if self._masters[index] is None:  # fp32 model: the master is the model's own chunk
                 self._masters[index] = torch.nn.Parameter(self._own_chunk(bucket, flat))
         for group_index, group in enumerate(self.basic.param_groups):
-            group["params"] = [self._masters[i] for i, b in enumerate(self.buckets) if b.plan.group_index == group_index]
+            group["params"] = [self._masters[i] for i, b in enumerate(self.buckets)
+                               if b.plan.group_index == group_index]
         self.precision = PrecisionOptimizer(self.basic, model_dtype=torch.float32, loss_scaler=self._loss_scaler,
                                             clip_grad=self._clip_grad, check_overflow=self._check_overflow)
         self.grads = PartitionedGradients(self.buckets, self.stage, self.rank, self.world_size, self.group,

@@ -37,7 +37,8 @@ def test_low_precision_stages_match_stage0(precision):
 def _overflow_in_one_partition(stage, world):
     """Rank 0 puts an inf into one gradient element that rank 1 owns: every rank must skip."""
     import torch.distributed as dist
-    engine = build_engine(stage, world, extra_cfg={"fp16": {"enabled": True, "initial_scale_power": 8, "hysteresis": 1}})
+    fp16 = {"enabled": True, "initial_scale_power": 8, "hysteresis": 1}  # halve on the first overflow
+    engine = build_engine(stage, world, extra_cfg={"fp16": fp16})
     opt = engine._train_opt
     target, frag = next((p, b.plan.fragment(1, i)) for b in opt.buckets for i, p in enumerate(b.params)
                         if b.plan.fragment(1, i) is not None)
