@@ -49,7 +49,10 @@ def _import_framework(name: str):
     if name == "deepspeed":
         import deepspeed  # noqa: F401
         return setup_deepspeed
-    raise ValueError(f"framework must be one of ddp, deepscale, deepspeed; got {name!r}")
+    if name == "fsdp2":
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+        return setup_fsdp2
+    raise ValueError(f"framework must be one of ddp, deepscale, deepspeed, fsdp2; got {name!r}")
 
 
 def build_model_and_batches(spec, torch):
@@ -136,6 +139,33 @@ def setup_deepspeed(spec, model, torch):
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                            config=ds_config(spec, "deepspeed"))
     return _engine_step(engine)
+
+
+def setup_fsdp2(spec, model, torch):
+    """PyTorch FSDP2: ``fully_shard`` per block and on the root, torch.optim.AdamW on the shards;
+    bf16 means bf16 parameters in compute with fp32 shards and fp32 gradient reduction."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if spec["dtype"] == "bf16" else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    opt = spec["optim"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]),
+                                  eps=opt["eps"], weight_decay=opt["weight_decay"])
+
+    def step(batch):
+        loss = model(batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt["clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+    return step
 
 
 def run(spec, setup, torch) -> dict:

@@ -6,8 +6,9 @@ from _zero3_models import gpt_global_batch, gpt_rank_batch, make_gpt
 MICRO_BS = 2
 LR, WD = 1e-2, 0.01
 # Small thresholds so a tiny model still has many groups, persistent parameters and prefetch.
-STAGE3_SMALL = {"stage3_param_persistence_threshold": 20, "stage3_prefetch_bucket_size": 600,
-                "stage3_max_live_parameters": 3000, "stage3_max_reuse_distance": 500}
+STAGE3_SMALL = {"reduce_bucket_size": 600, "stage3_param_persistence_threshold": 20,
+                "stage3_prefetch_bucket_size": 600, "stage3_max_live_parameters": 3000,
+                "stage3_max_reuse_distance": 500}
 
 
 def gpt_config(stage: int, world: int, gas: int = 1, clip: float = 0.0, **zero_extra) -> dict:

@@ -35,7 +35,7 @@ def _desync(world):
         cfg = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1,
                "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                     "stage3_prefetch_bucket_size": 1}}
+                                     "reduce_bucket_size": 1}}
         engine, _, _, _ = deepscale.initialize(model=model, model_parameters=model.parameters(), config=cfg)
         x = torch.randn(1, 8)
         loss = engine(x, use_a=True)  # same branch everywhere: fine
@@ -53,11 +53,12 @@ def _desync(world):
 
 
 def test_ranks_taking_different_branches_get_a_desync_error_naming_the_modules():
+    # Rank 0 had its branch prefetched from the recorded order and finishes its forward; rank 1
+    # is about to gather branch_b: the end-of-forward check catches it instead of a hang.
     for name, message in run_distributed(_desync, 2, args=(2,)):
         assert name == "CollectiveDesyncError", message
-        assert "rank 0: all_gather of parameter group" in message and "branch_a" in message
-        assert "rank 1: all_gather of parameter group" in message and "branch_b" in message
-        assert "branch_a.weight" in message and "branch_b.weight" in message
+        assert "rank 0: end of forward (last module: branch_a)" in message, message
+        assert "rank 1: all_gather of parameter group" in message and "branch_b.weight" in message, message
 
 
 class _SlowWork:
@@ -123,3 +124,14 @@ def test_register_external_parameter_rejects_wrong_types():
     deepscale.zero.unregister_external_parameter(model, model.wpe.weight)
     with pytest.raises(ValueError, match="not registered"):
         deepscale.zero.unregister_external_parameter(model, model.wpe.weight)
+
+
+def test_config_keys_reach_the_stage3_optimizer():
+    from deepscale.config import DeepScaleConfig
+    from deepscale.runtime.zero.stage3 import stage3_optimizer_kwargs
+    cfg = DeepScaleConfig.from_dict({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {
+        "stage": 3, "stage3_debug_sequence_check": True, "stage3_watchdog_timeout": 5,
+        "stage3_prefetch_bucket_size": 123, "stage3_max_live_parameters": 456}})
+    kwargs = stage3_optimizer_kwargs(cfg)
+    assert kwargs["debug"] is True and kwargs["watchdog_timeout_s"] == 5.0
+    assert kwargs["prefetch_numel"] == 123 and kwargs["max_live_numel"] == 456

@@ -73,6 +73,12 @@ class CollectiveRunner:
             return _Done()
         return reduce_scatter_flat(output, flat, self.group, async_op=True)
 
+    def check_boundary(self, kind: str, last_module: str) -> None:
+        """In debug mode, check that every rank reaches the same phase boundary (``end_forward``,
+        ``end_backward``) next; a no-op otherwise."""
+        if self.checker is not None:
+            self._before(CollectiveInfo(kind, -1, last_module or "<none>", "", 0))
+
     def wait(self, work, info: CollectiveInfo) -> None:
         """Wait for ``work``; the watchdog reports the wait if it takes too long."""
         if self.watchdog is None or isinstance(work, _Done):

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from deepscale.runtime.zero.stage3.collectives import CollectiveRunner
 from deepscale.runtime.zero.stage3.param_group import ParamGroup
 from deepscale.runtime.zero.stage3.states import ShardState, TrainingState, training_state_machine
 from deepscale.utils.logging import logger
@@ -38,12 +39,14 @@ class ParamCoordinator:
         max_reuse_distance: ``stage3_max_reuse_distance`` in elements.
         comm_dtype: dtype gradients are reduced in.
         on_reduced: called with ``(group, output)`` once a group's reduce-scatter finished.
+        runner: the collective runner (for the debug-mode phase checks).
     """
 
     def __init__(self, groups: Sequence[ParamGroup], prefetch_numel: int, max_live_numel: int,
                  max_reuse_distance: int, comm_dtype: torch.dtype,
-                 on_reduced: Callable[[ParamGroup, torch.Tensor], None]):
+                 on_reduced: Callable[[ParamGroup, torch.Tensor], None], runner: CollectiveRunner):
         self.groups = list(groups)
+        self.runner = runner
         self.prefetch_numel, self.max_live_numel = int(prefetch_numel), int(max_live_numel)
         self.max_reuse_distance = int(max_reuse_distance)
         self.comm_dtype, self.on_reduced = comm_dtype, on_reduced
@@ -57,6 +60,7 @@ class ParamCoordinator:
         self._bwd_cursor = -1
         self.live_numel = self.peak_live_numel = self.inflight_numel = 0
         self.module_stack: List[str] = []
+        self.last_module: Optional[str] = None
         self._pending: List[tuple] = []
         self.trainable_of = {g.index: [] for g in self.groups}
 
@@ -105,6 +109,7 @@ class ParamCoordinator:
     def end_forward(self) -> None:
         if self.training != TrainingState.FORWARD:
             return
+        self.runner.check_boundary("end_forward", self.last_module)
         for group in self.groups:
             if group.users == 0:
                 self.release(group)
@@ -220,6 +225,7 @@ class ParamCoordinator:
 
     def end_backward(self) -> None:
         """Flush groups whose gradients came in only partly, finish every reduce, release."""
+        self.runner.check_boundary("end_backward", self.last_module)
         for group in self.groups:
             if group.reported:
                 self._reduce(group)

@@ -61,6 +61,7 @@ class ModuleHooks:
         if self.is_root:
             self.coordinator.begin_forward()
         self.coordinator.module_stack.append(self.name)
+        self.coordinator.last_module = self.name
         groups = self.groups()
         if groups:
             self.coordinator.acquire(groups)

@@ -91,7 +91,7 @@ class Stage3Optimizer:
         self._build_masters(fp32_shards)
         comm_dtype = comm_dtype or accum_dtype
         self.coordinator = ParamCoordinator(self.groups, prefetch_numel, max_live_numel, max_reuse_distance,
-                                            comm_dtype, self._accumulate)
+                                            comm_dtype, self._accumulate, self.runner)
         managed = {id(p) for params in self.group_params for p in params}
         for g in self.groups:
             self.coordinator.trainable_of[g.index] = [p for p in g.params if id(p) in managed]

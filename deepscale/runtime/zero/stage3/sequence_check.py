@@ -5,7 +5,8 @@ integers (sequence number, collective kind, parameter-group index, element count
 small all-gather. If the rows differ, ranks have diverged (for example a data-dependent branch
 ran different modules on different ranks); the ranks then exchange readable descriptions and
 raise :class:`CollectiveDesyncError` naming the module and parameters each rank was about to
-communicate. Without the check such a divergence hangs or, worse, silently mixes shards of
+communicate. The ends of forward and backward are checked the same way, so a rank that
+finishes while another still gathers is caught too. Without the check such a divergence hangs or, worse, silently mixes shards of
 equally sized groups. The check costs one latency-bound collective per collective, so it is
 off unless ``zero_optimization.stage3_debug_sequence_check`` or ``DEEPSCALE_ZERO3_DEBUG=1``
 turns it on.
@@ -18,7 +19,8 @@ import torch
 from deepscale import comm as dist
 
 DEBUG_ENV = "DEEPSCALE_ZERO3_DEBUG"
-_KIND_IDS = {"all_gather": 1, "reduce_scatter": 2, "broadcast": 3, "all_reduce": 4}
+_KIND_IDS = {"all_gather": 1, "reduce_scatter": 2, "broadcast": 3, "all_reduce": 4, "end_forward": 5,
+             "end_backward": 6}
 
 
 def debug_enabled_from_env() -> bool:
@@ -51,6 +53,8 @@ class CollectiveInfo:
     step: int = 0
 
     def describe(self) -> str:
+        if self.group_index < 0:  # a phase boundary, checked so a rank that issues nothing more is caught
+            return f"{self.kind.replace('_', ' of ')} (last module: {self.modules}) at step {self.step}"
         return (f"{self.kind} of parameter group {self.group_index} (module(s): {self.modules}; parameter(s): "
                 f"{self.params}; {self.numel} elements) at step {self.step}")
 
