@@ -1,5 +1,4 @@
 """zero.Init, GatheredParameters, the ds_* attributes and the memory bounds of ZeRO stage 3."""
-import pytest
 import torch
 
 from dist_harness import run_distributed

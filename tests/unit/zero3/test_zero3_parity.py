@@ -67,3 +67,18 @@ def test_stage3_matches_stage0_and_reference_two_ranks(scenario):
 @pytest.mark.parametrize("scenario", ["plain", "gas2_clip"])
 def test_stage3_matches_stage0_and_reference_four_ranks(scenario):
     _check(run_distributed(_run, 4, args=(4, scenario)), 4, scenario)
+
+
+def _low_precision(world, precision):
+    out = {}
+    for stage in (0, 3):
+        engine = build_gpt_engine(stage, world, extra_cfg={precision: {"enabled": True}}, **STAGE3_SMALL)
+        out[stage] = train_gpt(engine, world, range(6))
+        engine.destroy()
+    return out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_stage3_matches_stage0_in_bf16_and_fp16(precision):
+    for result in run_distributed(_low_precision, 2, args=(2, precision)):
+        torch.testing.assert_close(torch.tensor(result[3]), torch.tensor(result[0]), rtol=1e-3, atol=1e-3)

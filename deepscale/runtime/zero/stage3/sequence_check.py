@@ -6,8 +6,8 @@ small all-gather. If the rows differ, ranks have diverged (for example a data-de
 ran different modules on different ranks); the ranks then exchange readable descriptions and
 raise :class:`CollectiveDesyncError` naming the module and parameters each rank was about to
 communicate. The ends of forward and backward are checked the same way, so a rank that
-finishes while another still gathers is caught too. Without the check such a divergence hangs or, worse, silently mixes shards of
-equally sized groups. The check costs one latency-bound collective per collective, so it is
+finishes while another still gathers is caught too. Without the check such a divergence
+hangs or, worse, silently mixes shards of equally sized groups. The check costs one latency-bound collective per collective, so it is
 off unless ``zero_optimization.stage3_debug_sequence_check`` or ``DEEPSCALE_ZERO3_DEBUG=1``
 turns it on.
 """
