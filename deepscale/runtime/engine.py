@@ -294,6 +294,8 @@ class Engine(torch.nn.Module):
         for name in _COUNTER_NAMES:
             if name in counters:
                 setattr(self, name, int(counters[name]))
+        # Resume on an accumulation boundary even if gradient_accumulation_steps changed.
+        self.micro_steps = self.global_steps * self.gradient_accumulation_steps()
         self.zero_grad()
         return path, client_state
 

@@ -142,3 +142,22 @@ def test_killed_save_leaves_previous_checkpoint_loadable(tmp_path, mode, second_
         for name, param in engine.module.named_parameters():
             assert torch.equal(param, first_weights["module"][name])
     engine.destroy()
+
+
+def test_resume_with_other_accumulation_steps_starts_on_a_boundary(tmp_path):
+    import deepscale
+    engine = _engine(1)
+    _train(engine, 1, range(3))
+    engine.save_checkpoint(str(tmp_path))
+    engine.destroy()
+    model = make_model(seed=5)
+    resumed = deepscale.initialize(model=model, config=base_config(MICRO_BS, 2, 1))[0]
+    resumed.load_checkpoint(str(tmp_path), load_lr_scheduler_states=False)
+    assert resumed.global_steps == 3 and resumed.micro_steps == 6
+    assert not resumed.is_gradient_accumulation_boundary()
+    x, y = rank_micro_batch(0, 0, 0, MICRO_BS, 1, 1)
+    for _ in range(2):
+        resumed.backward(resumed(x, y))
+        resumed.step()
+    assert resumed.global_steps == 4
+    resumed.destroy()
