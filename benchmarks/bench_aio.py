@@ -40,7 +40,9 @@ def drop_caches():
         return False
 
 
-def timed(fn):
+def timed(fn, fresh_path=None):
+    if fresh_path is not None and os.path.exists(fresh_path):
+        os.remove(fresh_path)  # every writer starts from no file: same block allocation work
     drop_caches()
     start = time.perf_counter()
     fn()
@@ -70,6 +72,8 @@ def fio(path, nbytes, block, depth, threads, is_read):
     cmd = ["fio", "--name=bench", f"--filename={path}", f"--rw={'read' if is_read else 'write'}", f"--bs={block}",
            f"--size={nbytes}", "--direct=1", "--ioengine=libaio", f"--iodepth={depth}", f"--numjobs={threads}",
            "--group_reporting", "--output-format=json"]
+    if not is_read and os.path.exists(path):
+        os.remove(path)
     drop_caches()
     out = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     job = out["jobs"][0]["read" if is_read else "write"]
@@ -98,19 +102,22 @@ def run_size(args, nbytes, ds):
         results.append(dict(contender=name, direction=direction, bytes=nbytes, gb_per_s=gbps))
         print(f"{nbytes >> 30:>4} GiB {direction:<6} {name:<28} {gbps:>7.2f}", flush=True)
 
+    # An ordinary torch.empty tensor starts 64 bytes into a page: not aligned for O_DIRECT.
     buffers = {"locked": new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8)),
-               "ordinary": torch.empty(nbytes + 1, dtype=torch.uint8)[1:]}  # a plain, unaligned tensor
+               "ordinary": torch.empty(nbytes, dtype=torch.uint8)}
     for buf in buffers.values():
         buf.fill_(7)
     for direction in ("write", "read"):
         is_read = direction == "read"
         for kind, buf in buffers.items():
+            fresh = None if is_read else path
             op = ours.sync_pread if is_read else ours.sync_pwrite
-            record(f"deepscale {ours.backend} ({kind})", direction, timed(lambda: op(buf, path)))
+            record(f"deepscale {ours.backend} ({kind})", direction, timed(lambda: op(buf, path), fresh))
             if ds is not None:
                 ds_op = ds.sync_pread if is_read else ds.sync_pwrite
-                record(f"deepspeed async_io ({kind})", direction, timed(lambda: ds_op(buf, path)))
-        record("O_DIRECT loop (1 thread)", direction, timed(lambda: direct_loop(path, nbytes, args.block_size, is_read)))
+                record(f"deepspeed async_io ({kind})", direction, timed(lambda: ds_op(buf, path), fresh))
+        record("O_DIRECT loop (1 thread)", direction,
+               timed(lambda: direct_loop(path, nbytes, args.block_size, is_read), None if is_read else path))
         rate = fio(path, nbytes, args.block_size, args.queue_depth, args.threads, is_read)
         if rate is not None:
             record("fio libaio", direction, rate=rate)
