@@ -87,10 +87,20 @@ def test_zero_to_fp32_consolidates_masters_offline_and_from_python(tmp_path):
     assert torch.equal(loaded.layers[1].weight.detach(), masters["layers.1.weight"])
     pt_file = convert_zero_checkpoint_to_fp32_state_dict(str(tmp_path), str(tmp_path / "out" / "model.pt"))
     assert all(torch.equal(v, state[k]) for k, v in torch.load(pt_file).items())
-    assert main([str(tmp_path / "bf16"), str(tmp_path / "model.safetensors")]) == 0
-    from safetensors.torch import load_file
-    assert all(torch.equal(v, state[k]) for k, v in load_file(str(tmp_path / "model.safetensors")).items())
+    assert main([str(tmp_path / "bf16"), str(tmp_path / "cli.pt")]) == 0
+    assert all(torch.equal(v, state[k]) for k, v in torch.load(str(tmp_path / "cli.pt")).items())
     assert main([str(tmp_path / "nothing"), str(tmp_path / "x.pt")]) == 2
+
+
+def test_zero_to_fp32_writes_safetensors(tmp_path):
+    pytest.importorskip("safetensors", reason="safetensors output needs the safetensors package")
+    from safetensors.torch import load_file
+    from deepscale.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, main
+    run_distributed(_save_bf16, 2, args=(2, str(tmp_path)))
+    assert main([str(tmp_path / "bf16"), str(tmp_path / "model.safetensors")]) == 0
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path))
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    assert set(loaded) == set(state) and all(torch.equal(v, state[k]) for k, v in loaded.items())
 
 
 def test_missing_shard_is_a_clear_error(tmp_path):
