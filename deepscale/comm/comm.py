@@ -147,8 +147,14 @@ def all_gather(tensor_list, tensor: torch.Tensor, group=None, async_op: bool = F
     return _dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
 
 
+# torch 2.13 renamed the tensor-in/tensor-out collectives (*_single) and deprecated the old
+# names; use whichever this torch has so users see no deprecation warnings.
+_all_gather_single = getattr(_dist, "all_gather_single", None) or _dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(_dist, "reduce_scatter_single", None) or _dist.reduce_scatter_tensor
+
+
 def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op: bool = False):
-    return _dist.all_gather_into_tensor(output_tensor, input_tensor, group=group, async_op=async_op)
+    return _all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
 
 
 def reduce_scatter(output, input_list, op=ReduceOp.SUM, group=None, async_op: bool = False):
@@ -156,7 +162,7 @@ def reduce_scatter(output, input_list, op=ReduceOp.SUM, group=None, async_op: bo
 
 
 def reduce_scatter_tensor(output, input, op=ReduceOp.SUM, group=None, async_op: bool = False):
-    return _dist.reduce_scatter_tensor(output, input, op=op, group=group, async_op=async_op)
+    return _reduce_scatter_single(output, input, op=op, group=group, async_op=async_op)
 
 
 def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
