@@ -66,37 +66,6 @@ ALLREDUCE_SCRIPT = "import json, os\n" + _CHAIN + textwrap.dedent("""
     dist.destroy_process_group()
 """)
 
-# The same all-reduce over plain TCP at MASTER_ADDR:MASTER_PORT (rank 0 sums and answers): it checks
-# the same rendezvous variables without paying for four torch imports per job.
-SOCKET_ALLREDUCE_SCRIPT = "import json, os, socket, time\n" + _CHAIN + textwrap.dedent("""
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    port = int(os.environ["MASTER_PORT"])
-    if rank == 0:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("", port))
-        server.listen(world)
-        peers = [server.accept()[0].makefile("rw") for _ in range(world - 1)]
-        total = 1.0 + sum(float(peer.readline()) for peer in peers)
-        for peer in peers:
-            peer.write("%r\\n" % total)
-            peer.flush()
-    else:
-        deadline = time.time() + 30
-        while True:
-            try:
-                peer = socket.create_connection((os.environ["MASTER_ADDR"], port)).makefile("rw")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.05)
-        peer.write("%r\\n" % float(rank + 1))
-        peer.flush()
-        total = float(peer.readline())
-    record(rank, world, total)
-""")
-
 # Every rank records "pid launcher_pid"; FAIL_RANK exits FAIL_CODE once all ranks are up, the others wait.
 FAIL_SCRIPT = textwrap.dedent("""
     import os, sys, time
