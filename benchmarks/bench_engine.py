@@ -27,7 +27,9 @@ import _bench_common as common  # noqa: E402
 FRAMEWORKS = ("ddp", "deepscale", "deepspeed", "fsdp2")
 DTYPES = ("fp32", "bf16")
 LOSS_STEP = 10  # the loss reported is the one computed after this many optimizer steps
-TARGETS = {"step_ratio_vs_ddp": 1.03, "init_s": 3.0, "bf16_drift": 1e-2}
+# init_call_s is the initialize() call itself (the "initialize() under 3 s"); init_s adds the
+# process start and `import torch`, which no framework can shorten.
+TARGETS = {"step_ratio_vs_ddp": 1.03, "init_call_s": 3.0, "bf16_drift": 1e-2}
 WORKER = Path(__file__).resolve().parent / "_bench_engine_worker.py"
 
 
