@@ -52,7 +52,7 @@ def deepspeed_adam():
         return None
 
 
-def contenders(params, moments, threads, copy_out=None):
+def contenders(params, moments, threads, copy_out=None, skip_slow=False):
     """name -> step callable, every optimizer wired to the shared moments."""
     runs = {}
     ours = DeepScaleCPUAdam(params, lr=1e-3, num_threads=threads)
@@ -63,6 +63,8 @@ def contenders(params, moments, threads, copy_out=None):
     else:
         runs["deepscale (1 pass)"] = lambda: ours.step(fp16_param_groups=[copy_out])
     variants = {"torch for-loop": dict(foreach=False), "torch foreach": dict(foreach=True), "torch fused": dict(fused=True)}
+    if skip_slow:
+        variants = {"torch fused": dict(fused=True)}
     for name, kwargs in variants.items():
         if copy_out is not None and name != "torch fused":
             continue
@@ -114,6 +116,8 @@ def main():
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--tensors", default="1,100")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--skip-slow", action="store_true",
+                        help="leave out torch's for-loop and foreach Adam (10x slower, most of the run time)")
     args = parser.parse_args()
     rows, triad = [], {}
     print(f"{'params':>8} {'tensors':>7} {'thr':>3} {'contender':<20} {'ms/step':>9} {'Gparam/s':>9} {'GB/s':>7}")
@@ -129,7 +133,8 @@ def main():
                 if count == 1:
                     cases.append(([torch.empty(p.numel(), dtype=torch.bfloat16) for p in params], None))
                 for copy_out, _ in cases:
-                    medians = interleaved(contenders(params, moments, threads, copy_out), args.reps)
+                    runs = contenders(params, moments, threads, copy_out, args.skip_slow)
+                    medians = interleaved(runs, args.reps)
                     for name, seconds in medians.items():
                         moved = BYTES_PER_PARAM + (0 if copy_out is None else (2 if "1 pass" in name else 6))
                         row = dict(params=total, tensors=count, threads=threads, contender=name,
