@@ -8,6 +8,7 @@ Typical use::
 from deepscale.ops.aio.buffers import aligned_empty, free_cpu_locked_tensor, is_aligned, new_cpu_locked_tensor
 from deepscale.ops.aio.config import AioConfig
 from deepscale.ops.aio.handle import AsyncIOHandle, aio_handle
+from op_builder import AsyncIOBuilder
 
-__all__ = ["AsyncIOHandle", "aio_handle", "AioConfig", "aligned_empty", "is_aligned", "new_cpu_locked_tensor",
+__all__ = ["AsyncIOHandle", "aio_handle", "AsyncIOBuilder", "AioConfig", "aligned_empty", "is_aligned", "new_cpu_locked_tensor",
            "free_cpu_locked_tensor"]

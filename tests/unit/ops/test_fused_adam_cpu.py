@@ -84,3 +84,14 @@ def test_zero_grad_sets_none_by_default():
     opt.zero_grad()
     assert p.grad is None
     assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_deepspeed_import_names_resolve():
+    from deepscale.ops.adagrad import DeepScaleCPUAdagrad, DeepSpeedCPUAdagrad
+    from deepscale.ops.adam import DeepScaleCPUAdam, DeepSpeedCPUAdam
+    from deepscale.ops.aio import AsyncIOBuilder
+    from deepscale.ops.lion import DeepScaleCPULion, DeepSpeedCPULion
+    from deepscale.ops.op_builder import CPUAdamBuilder
+    assert DeepSpeedCPUAdam is DeepScaleCPUAdam and DeepSpeedCPUAdagrad is DeepScaleCPUAdagrad
+    assert DeepSpeedCPULion is DeepScaleCPULion
+    assert CPUAdamBuilder.NAME == "cpu_adam" and AsyncIOBuilder.NAME == "async_io"
