@@ -35,9 +35,10 @@ def aot_extensions():
     if not names:
         return [], {}
     try:
-        import torch  # noqa: F401  (the extensions compile against it)
+        import torch
     except ImportError:
         sys.exit("DEEPSCALE_BUILD_OPS needs torch at build time: pip install --no-build-isolation .")
+    print(f"deepscale: building ops ahead of time against torch {torch.__version__}: {', '.join(names)}")
     sys.path.insert(0, ROOT)
     from op_builder import get_builder
     extensions, built = [], {}

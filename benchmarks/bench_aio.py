@@ -21,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from deepscale.ops.aio import AsyncIOHandle, aligned_empty, new_cpu_locked_tensor  # noqa: E402
+from deepscale.ops.aio import AsyncIOHandle, new_cpu_locked_tensor  # noqa: E402
 
 
 def parse_size(text):

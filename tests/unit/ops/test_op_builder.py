@@ -1,7 +1,6 @@
 """Build behaviour of the op builders: cache, concurrency, compatibility reasons, errors, fallback."""
 import json
 import os
-import sys
 import textwrap
 import threading
 
