@@ -17,7 +17,8 @@ from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_en
                                                             save_engine_checkpoint)
 from deepscale.runtime.dataloader import DeepScaleDataLoader
 from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_lr_scheduler_for, build_optimizer_for,
-                                            build_loss_scaler_for, cast_floating_inputs, reducer_dtypes)
+                                            build_loss_scaler_for, cast_floating_inputs, reducer_dtypes,
+                                            stage0_bucket_numel)
 from deepscale.runtime.dp_optimizer import DataParallelOptimizer
 from deepscale.runtime.step_reporter import StepReporter
 from deepscale.runtime.zero.stage_1_and_2 import ZeroOptimizer, zero_optimizer_kwargs
@@ -56,7 +57,8 @@ class Engine(torch.nn.Module):
             model_dtype=model_dtype, loss_scaler=build_loss_scaler_for(config), clip_grad=config.gradient_clipping,
             check_overflow=config.fp16_enabled or bool(getattr(config.bf16, "check_grad_overflow", False)),
             group=self.dp_group, world_size=self.dp_world_size,
-            bucket_numel=int(config.zero_optimization.reduce_bucket_size), accum_dtype=accum_dtype,
+            bucket_numel=stage0_bucket_numel(config) if config.zero_stage == 0
+            else int(config.zero_optimization.reduce_bucket_size), accum_dtype=accum_dtype,
             comm_dtype=comm_dtype,
             predivide_factor=config.gradient_predivide_factor if config.prescale_gradients else 1.0)
         if config.zero_stage in (1, 2):

@@ -72,6 +72,24 @@ def build_loss_scaler_for(config):
     return build_loss_scaler(config.fp16) if config.fp16_enabled else None
 
 
+# 25 MB of fp32 gradients per bucket, as PyTorch DDP: small enough that all but the last bucket
+# are all-reduced while backward still runs.
+STAGE0_DEFAULT_BUCKET_NUMEL = 25 * 2**20 // 4
+
+
+def stage0_bucket_numel(config) -> int:
+    """Elements per all-reduce bucket at stage 0.
+
+    ``zero_optimization.reduce_bucket_size`` when the user set it; otherwise DDP's 25 MB.
+    DeepSpeed's default (5e8 elements) would put most models in a single bucket launched
+    after backward, leaving nothing to overlap.
+    """
+    user_zero = (getattr(config, "raw", None) or {}).get("zero_optimization") or {}
+    if "reduce_bucket_size" in user_zero:
+        return int(config.zero_optimization.reduce_bucket_size)
+    return STAGE0_DEFAULT_BUCKET_NUMEL
+
+
 def reducer_dtypes(config, model_dtype: torch.dtype) -> Tuple[torch.dtype, torch.dtype]:
     """(accumulation dtype, communication dtype) for the gradient reducer.
 
