@@ -123,7 +123,9 @@ attempt = int(os.environ["DEEPSCALE_RESTART_COUNT"])
 step = json.load(open(ckpt))["step"] if attempt > 0 and os.path.exists(ckpt) else 0
 while step < 10:
     step += 1
-    json.dump({"step": step}, open(ckpt, "w"))
+    with open(ckpt + ".tmp", "w") as f:  # atomic: the launcher may kill this rank mid-write
+        json.dump({"step": step}, f)
+    os.replace(ckpt + ".tmp", ckpt)
     if attempt == 0 and step == 4 and os.environ["RANK"] == "1":
         sys.exit(9)
 with open(os.path.join(os.environ["TEST_OUT_DIR"], "done%s" % os.environ["RANK"]), "w") as f:
