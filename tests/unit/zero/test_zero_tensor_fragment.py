@@ -1,15 +1,18 @@
-"""deepscale.utils.safe_get_full_* / safe_set_full_*: the same whole tensors at every stage."""
+"""deepscale.utils.safe_get_full_* / safe_set_full_*: the same whole tensors at every stage (0-3)."""
 import torch
 
 from dist_harness import run_distributed
 from _zero_test_helpers import build_engine, rank_micro_batch_for, train
 
+STAGES = (0, 1, 2, 3)
+
 
 def _collect(world):
     from deepscale.utils import (safe_get_full_fp32_param, safe_get_full_grad, safe_get_full_optimizer_state,
                                  safe_set_full_fp32_param, safe_set_full_grad, safe_set_full_optimizer_state)
+    import deepscale.zero
     out = {}
-    for stage in (0, 1, 2):
+    for stage in STAGES:
         engine = build_engine(stage, world, model_kwargs={"frozen": True})
         train(engine, world, range(2))
         x, y = rank_micro_batch_for(2, world)
@@ -24,8 +27,10 @@ def _collect(world):
         safe_set_full_fp32_param(param, torch.full(param.shape, 0.5))
         safe_set_full_optimizer_state(param, torch.full(param.shape, 2.0), "exp_avg")
         safe_set_full_grad(param, torch.full(param.shape, 3.0))
+        with deepscale.zero.GatheredParameters([param]):  # a no-op below stage 3
+            model_weight = param.detach().clone()
         roundtrip = (safe_get_full_fp32_param(param), safe_get_full_optimizer_state(param, "exp_avg"),
-                     safe_get_full_grad(param), param.detach().clone())
+                     safe_get_full_grad(param), model_weight)
         out[stage] = (grads, fp32, exp_avg, frozen, roundtrip)
         engine.destroy()
     return out
@@ -34,7 +39,7 @@ def _collect(world):
 def test_full_tensors_agree_across_stages_and_setters_round_trip():
     for per_rank in run_distributed(_collect, 2, args=(2,)):
         grads0, fp32_0, exp_avg0, _, _ = per_rank[0]
-        for stage in (0, 1, 2):
+        for stage in STAGES:
             grads, fp32, exp_avg, frozen, (p32, state, grad, model_weight) = per_rank[stage]
             assert frozen is None
             for name in grads0:

@@ -3,13 +3,16 @@
 The functions take tensors and a process group and keep no state, so the parameter group
 decides *what* travels and the coordinator *when*; :class:`CollectiveRunner` only wraps them
 with the optional sequence check (``sequence_check.py``) and registers every wait with the
-watchdog (``watchdog.py``).
+watchdog (``watchdog.py``). On gloo the runner uses one broadcast (all-gather) or one reduce
+(reduce-scatter) per owner instead of the fused collectives, which gloo runs several times
+slower; the reasons and figures are in ``runtime/zero/collectives.py``.
 """
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 
 from deepscale import comm as dist
+from deepscale.runtime.zero import collectives as owner_collectives
 from deepscale.runtime.zero.stage3.sequence_check import CollectiveInfo, SequenceChecker
 from deepscale.runtime.zero.stage3.watchdog import Watchdog
 
@@ -34,6 +37,31 @@ class _Done:
         return True
 
 
+class _OwnerWork:
+    """The handles of per-owner broadcasts/reduces, and what to do once they all finished."""
+
+    def __init__(self, handles: List, finish: Optional[Callable[[], None]] = None):
+        self.handles, self.finish = handles, finish
+
+    def wait(self) -> bool:
+        for handle in self.handles:
+            handle.wait()
+        if self.finish is not None:
+            self.finish()
+            self.finish = None
+        return True
+
+    def is_completed(self) -> bool:
+        return all(h.is_completed() for h in self.handles)
+
+
+def _uses_owner_collectives(group) -> bool:
+    try:
+        return str(dist.get_backend(group)).lower() == "gloo"
+    except (RuntimeError, ValueError, AttributeError):
+        return False
+
+
 class CollectiveRunner:
     """Issues the ZeRO-3 collectives of one data-parallel group.
 
@@ -51,6 +79,8 @@ class CollectiveRunner:
         self.step = 0
         self.num_all_gathers = 0
         self.num_reduce_scatters = 0
+        self.per_owner = world_size > 1 and _uses_owner_collectives(group)
+        self.rank = dist.get_rank(group) if world_size > 1 else 0
 
     def _before(self, info: CollectiveInfo) -> None:
         info.step = self.step
@@ -63,6 +93,11 @@ class CollectiveRunner:
         if self.world_size == 1:
             output.copy_(shard)
             return _Done()
+        if self.per_owner:
+            numel = shard.numel()
+            output[self.rank * numel:(self.rank + 1) * numel].copy_(shard)
+            return _OwnerWork(owner_collectives.all_gather_flat(output, self.rank, self.world_size, self.group,
+                                                                "broadcast"))
         return all_gather_flat(output, shard, self.group, async_op=True)
 
     def reduce_scatter(self, output: torch.Tensor, flat: torch.Tensor, info: CollectiveInfo):
@@ -71,6 +106,10 @@ class CollectiveRunner:
         if self.world_size == 1:
             output.copy_(flat)
             return _Done()
+        if self.per_owner:
+            handles, own = owner_collectives.reduce_scatter_flat(flat, self.rank, self.world_size, self.group,
+                                                                 "reduce")
+            return _OwnerWork(handles, lambda: output.copy_(own))
         return reduce_scatter_flat(output, flat, self.group, async_op=True)
 
     def check_boundary(self, kind: str, last_module: str) -> None:

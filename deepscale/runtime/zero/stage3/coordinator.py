@@ -222,6 +222,7 @@ class ParamCoordinator:
         work, group, output, _ = self._pending.pop(0)
         group.runner.wait(work, group.reduce_info)
         self.on_reduced(group, output)
+        group.finish_reduce(output)
 
     def end_backward(self) -> None:
         """Flush groups whose gradients came in only partly, finish every reduce, release."""

@@ -23,6 +23,7 @@ from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.zero.stage3.collectives import CollectiveRunner
 from deepscale.runtime.zero.stage3.coordinator import ParamCoordinator
 from deepscale.runtime.zero.stage3.external_check import PartitionedUseCheck
+from deepscale.runtime.zero.stage3.full_access import Stage3TensorAccess
 from deepscale.runtime.zero.stage3.grouping import DEFAULT_GROUP_NUMEL, build_groups
 from deepscale.runtime.zero.stage3.hooks import install_module_hooks
 from deepscale.runtime.zero.stage3.param_group import ParamGroup
@@ -142,6 +143,7 @@ class Stage3Optimizer:
                 self._masters.append(None)
                 self._master_grads.append(None)
                 continue
+            params = self._in_group_order(params)
             master = torch.nn.Parameter(torch.cat([fp32_shards[id(p)] for p in params]))
             self._masters.append(master)
             self._master_grads.append(torch.zeros_like(master.detach()))
@@ -151,7 +153,10 @@ class Stage3Optimizer:
                 self._slots[id(param)] = (index, offset, length)
                 param._ds_master_view = master.detach()[offset:offset + length]
                 offset += length
-        managed = [p for params in self.group_params for p in params]
+        if self.model_dtype == torch.float32:
+            self._share_fp32_shards()
+        managed = [p for params in self.group_params for p in params
+                   if p.ds_tensor.data_ptr() != p._ds_master_view.data_ptr()]
         self._publish_dst = [p.ds_tensor for p in managed]
         self._publish_src = [p._ds_master_view for p in managed]
         self._accumulate_plan = {}
@@ -159,6 +164,23 @@ class Stage3Optimizer:
             plan = [(self._master_grads[self._slots[id(p)][0]][self._slots[id(p)][1]:][:c], off, c)
                     for p, off, c in zip(g.params, g.offsets, g.chunks) if id(p) in self._slots]
             self._accumulate_plan[g.index] = plan
+
+    def _in_group_order(self, params: List[torch.nn.Parameter]) -> List[torch.nn.Parameter]:
+        # Masters follow the parameter-group layout, so a group's pieces are one range of a
+        # master and an fp32 model's shards can live in the master (_share_fp32_shards).
+        position = {id(p): (g.index, i) for g in self.groups for i, p in enumerate(g.params)}
+        return sorted(params, key=lambda p: position.get(id(p), (len(self.groups), 0)))
+
+    def _share_fp32_shards(self) -> None:
+        """An fp32 model's shards equal its masters: let each group whose pieces are one range of
+        a master use that range as its shard, instead of a second copy (saves 4 bytes x Psi / N)."""
+        for g in self.groups:
+            slots = [self._slots.get(id(p)) for p in g.params]
+            if None in slots or len({slot[0] for slot in slots}) != 1:
+                continue
+            index, start = slots[0][0], slots[0][1]
+            if all(slot[1] == start + offset for slot, offset in zip(slots, g.offsets)):
+                g.use_shard_storage(self._masters[index].detach()[start:start + g.shard_numel])
 
     @torch.no_grad()
     def attach(self) -> None:
@@ -179,6 +201,10 @@ class Stage3Optimizer:
             if param.requires_grad and id(param) not in self._slots:
                 self._handles.append(param.register_post_accumulate_grad_hook(_drop_grad))
         self._handles.extend(install_load_hooks(self._module))
+        access = Stage3TensorAccess(self)
+        for params in self.group_params:
+            for param in params:
+                param._deepscale_full_access = access
         self._refresh_persistent()
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
@@ -366,6 +392,10 @@ class Stage3Optimizer:
         for handle in self._handles:
             handle.remove()
         self._module_hooks, self._handles = [], []
+        for params in self.group_params:
+            for param in params:
+                if hasattr(param, "_deepscale_full_access"):
+                    del param._deepscale_full_access
         self.watchdog.close()
 
 
