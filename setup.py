@@ -19,7 +19,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-OP_NAMES = ("cpu_adam", "cpu_adagrad", "cpu_lion", "fused_adam", "async_io")
+OP_NAMES = ("cpu_adam", "cpu_adagrad", "cpu_lion", "fused_adam", "async_io", "async_io_uring")
 
 
 def requested_ops():

@@ -70,9 +70,11 @@ def format_report(report):
     width = max(len(k) for k in env)
     lines = ["deepscale environment report", "-" * 60]
     lines += [f"{key:<{width}} : {value}" for key, value in env.items()]
-    lines += ["", f"{'op':<13}{'installed':<11}{'cached':<8}{'compatible':<12}reason", "-" * 60]
+    op_width = max([len(row["op"]) + 2 for row in report["ops"]] + [13])
+    lines += ["", f"{'op':<{op_width}}{'installed':<11}{'cached':<8}{'compatible':<12}reason", "-" * 60]
     for row in report["ops"]:
-        lines.append(f"{row['op']:<13}{('yes' if row['installed'] else 'no'):<11}{('yes' if row['cached'] else 'no'):<8}"
+        installed, cached = ("yes" if row[key] else "no" for key in ("installed", "cached"))
+        lines.append(f"{row['op']:<{op_width}}{installed:<11}{cached:<8}"
                      f"{('yes' if row['compatible'] else 'NO'):<12}{row['reason']}")
     lines += ["", "installed: built ahead of time (DEEPSCALE_BUILD_OPS=1 at install); cached: a JIT build is in "
               "the op cache; compatible: can be JIT-built here. An op that is neither runs its PyTorch fallback."]

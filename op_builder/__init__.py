@@ -6,8 +6,10 @@ from op_builder.builder import Compatibility, OpBuilder, OpBuildError, cache_roo
 from op_builder.cpu_optim import CPUAdagradBuilder, CPUAdamBuilder, CPULionBuilder
 from op_builder.fused_adam import FusedAdamBuilder
 from op_builder.async_io import AsyncIOBuilder
+from op_builder.async_io_uring import AsyncIOUringBuilder
 
-ALL_OPS = {b.NAME: b for b in (CPUAdamBuilder, CPUAdagradBuilder, CPULionBuilder, FusedAdamBuilder, AsyncIOBuilder)}
+ALL_OPS = {b.NAME: b for b in (CPUAdamBuilder, CPUAdagradBuilder, CPULionBuilder, FusedAdamBuilder, AsyncIOBuilder,
+                               AsyncIOUringBuilder)}
 
 
 def get_builder(name):
@@ -19,4 +21,4 @@ def get_builder(name):
 
 __all__ = ["OpBuilder", "OpBuildError", "Compatibility", "ALL_OPS", "get_builder", "cache_root", "csrc_root",
            "installed_ops", "CPUAdamBuilder", "CPUAdagradBuilder", "CPULionBuilder", "FusedAdamBuilder",
-           "AsyncIOBuilder"]
+           "AsyncIOBuilder", "AsyncIOUringBuilder"]

@@ -1,4 +1,8 @@
-"""Builder of the async I/O op (``deepscale.ops.aio``): libaio, O_DIRECT, a worker pool."""
+"""Builder of the async I/O op (``deepscale.ops.aio``): libaio, O_DIRECT, a worker pool.
+
+The engine (csrc/aio/aio_engine.cpp) is shared with the io_uring build (async_io_uring.py);
+only the per-worker kernel queue differs: ``QUEUE_SOURCE`` and the library linked.
+"""
 import ctypes.util
 import os
 from pathlib import Path
@@ -8,24 +12,30 @@ from op_builder.builder import Compatibility, OpBuilder
 _HEADER_DIRS = ("/usr/include", "/usr/local/include", "/usr/include/x86_64-linux-gnu", "/usr/include/aarch64-linux-gnu")
 
 
-def find_libaio_header():
-    """Path of ``libaio.h`` in the compiler's usual and configured include dirs, or None."""
+def find_header(name):
+    """Path of header ``name`` in the compiler's usual and configured include dirs, or None."""
     dirs = list(_HEADER_DIRS)
     for var in ("CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH"):
         dirs.extend(d for d in os.environ.get(var, "").split(os.pathsep) if d)
     for d in dirs:
-        if Path(d, "libaio.h").is_file():
-            return str(Path(d, "libaio.h"))
+        if Path(d, name).is_file():
+            return str(Path(d, name))
     return None
+
+
+def find_libaio_header():
+    """Path of ``libaio.h``, or None."""
+    return find_header("libaio.h")
 
 
 class AsyncIOBuilder(OpBuilder):
     """Async reads/writes of tensors to files (the NVMe offload path)."""
 
     NAME = "async_io"
+    QUEUE_SOURCE = "aio/aio_queue_libaio.cpp"
 
     def sources(self):
-        return ["aio/aio_engine.cpp", "aio/aio_binding.cpp"]
+        return ["aio/aio_engine.cpp", "aio/aio_binding.cpp", self.QUEUE_SOURCE]
 
     def include_dirs(self):
         return ["aio"]

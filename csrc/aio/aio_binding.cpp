@@ -20,6 +20,9 @@ extern "C" {
 
 const char* ds_last_error() { return last_error().c_str(); }
 
+// "libaio" or "io_uring": the kernel interface this build of the engine uses.
+const char* ds_aio_backend() { return deepscale::aio::io_backend_name(); }
+
 void* ds_aio_create(int64_t block_size, int queue_depth, int single_submit, int overlap_events, int num_threads,
                     int use_direct) {
     try {

@@ -37,8 +37,7 @@ void finish_job(const Job& job) {
 
 Worker::Worker(int64_t block_size, int queue_depth, bool single_submit)
     : block_size_(block_size), queue_depth_(queue_depth), single_submit_(single_submit) {
-    int rc = io_setup(queue_depth_, &ctx_);
-    if (rc < 0) throw std::runtime_error(std::string("io_setup failed: ") + std::strerror(-rc));
+    io_ = make_io_queue(queue_depth_);
     for (int i = 0; i < queue_depth_; ++i) {
         void* mem = nullptr;
         if (posix_memalign(&mem, kAlign, static_cast<size_t>(block_size_)) != 0) throw std::bad_alloc();
@@ -54,7 +53,7 @@ Worker::~Worker() {
     }
     cv_.notify_all();
     thread_.join();
-    io_destroy(ctx_);
+    io_.reset();  // before the bounce buffers it may still write to go away
     for (char* b : bounce_) free(b);
 }
 
@@ -81,27 +80,27 @@ void Worker::loop() {
     }
 }
 
-// Prepares one block; returns false (and records the error) if it cannot be submitted.
-bool Worker::submit_block(const Job& job, int64_t block, Slot* slot) {
+// The transfer of one block: straight to the caller's buffer, or through the slot's bounce buffer.
+IoOp Worker::prepare_block(const Job& job, int64_t block, Slot* slot) {
     Request& r = *job.request;
     slot->offset = block * block_size_;
     slot->length = std::min(block_size_, r.nbytes - slot->offset);
     char* user = r.buffer + slot->offset;
     const bool aligned = reinterpret_cast<uintptr_t>(user) % kAlign == 0 && slot->length % kAlign == 0;
     slot->bounced = r.direct && !aligned;
-    int64_t io_length = slot->bounced ? round_up(slot->length, kAlign) : slot->length;
-    char* io_buffer = slot->bounced ? slot->bounce : user;
+    IoOp op;
+    op.is_read = r.is_read;
+    op.fd = r.fd;
+    op.length = slot->bounced ? round_up(slot->length, kAlign) : slot->length;
+    op.buffer = slot->bounced ? slot->bounce : user;
+    op.offset = r.file_offset + slot->offset;
+    op.tag = slot;
     if (slot->bounced && !r.is_read) {
-        std::memcpy(io_buffer, user, static_cast<size_t>(slot->length));
-        std::memset(io_buffer + slot->length, 0, static_cast<size_t>(io_length - slot->length));
-        if (io_length != slot->length) r.padded_tail.store(true);
+        std::memcpy(op.buffer, user, static_cast<size_t>(slot->length));
+        std::memset(op.buffer + slot->length, 0, static_cast<size_t>(op.length - slot->length));
+        if (op.length != slot->length) r.padded_tail.store(true);
     }
-    if (r.is_read)
-        io_prep_pread(&slot->cb, r.fd, io_buffer, static_cast<size_t>(io_length), r.file_offset + slot->offset);
-    else
-        io_prep_pwrite(&slot->cb, r.fd, io_buffer, static_cast<size_t>(io_length), r.file_offset + slot->offset);
-    slot->cb.data = slot;
-    return true;
+    return op;
 }
 
 void Worker::complete(const Job& job, Slot* slot, long result) {
@@ -126,8 +125,8 @@ void Worker::run_job(const Job& job) {
         slots[i].bounce = bounce_[i];
         free_slots.push_back(&slots[i]);
     }
-    std::vector<struct io_event> events(static_cast<size_t>(queue_depth_));
-    std::vector<struct iocb*> batch;
+    std::vector<IoCompletion> done(static_cast<size_t>(queue_depth_));
+    std::vector<IoOp> batch;
     int64_t next = job.first_block, end = job.first_block + job.num_blocks;
     int in_flight = 0;
     Request& r = *job.request;
@@ -137,33 +136,32 @@ void Worker::run_job(const Job& job) {
         while (next < end && !free_slots.empty() && r.error.load() == 0) {
             Slot* slot = free_slots.back();
             free_slots.pop_back();
-            submit_block(job, next++, slot);
-            batch.push_back(&slot->cb);
+            batch.push_back(prepare_block(job, next++, slot));
             if (single_submit_) break;
         }
         if (!batch.empty()) {
-            int rc = io_submit(ctx_, static_cast<long>(batch.size()), batch.data());
+            int rc = io_->submit(batch.data(), static_cast<int>(batch.size()));
             if (rc < 0) {
                 r.error.store(-rc);
-                for (auto* cb : batch) free_slots.push_back(static_cast<Slot*>(cb->data));
+                for (const IoOp& op : batch) free_slots.push_back(static_cast<Slot*>(op.tag));
                 next = end;
             } else {
                 in_flight += rc;
                 for (size_t i = static_cast<size_t>(rc); i < batch.size(); ++i)  // partial submit: retry later
-                    free_slots.push_back(static_cast<Slot*>(batch[i]->data)), --next;
+                    free_slots.push_back(static_cast<Slot*>(batch[i].tag)), --next;
             }
         }
         if (r.error.load() != 0) next = end;
         if (in_flight == 0) continue;
-        int got = io_getevents(ctx_, 1, queue_depth_, events.data(), nullptr);
+        int got = io_->reap(done.data(), queue_depth_);
         if (got < 0) {
             if (got == -EINTR) continue;
             r.error.store(-got);
-            break;  // the context is unusable; abandoning in-flight blocks is the only option
+            break;  // the queue is unusable; abandoning in-flight blocks is the only option
         }
         for (int i = 0; i < got; ++i) {
-            Slot* slot = static_cast<Slot*>(events[i].data);
-            complete(job, slot, static_cast<long>(events[i].res));
+            Slot* slot = static_cast<Slot*>(done[i].tag);
+            complete(job, slot, static_cast<long>(done[i].result));
             free_slots.push_back(slot);
             --in_flight;
         }

@@ -1,15 +1,14 @@
-// Asynchronous file I/O over libaio with a pool of worker threads.
+// Asynchronous file I/O with a pool of worker threads, over libaio or io_uring (aio_queue.h).
 //
 // A request (read or write of one host buffer at one file offset) is cut into blocks of
 // `block_size` bytes; the blocks are split into contiguous runs, one per worker, and each
-// worker keeps up to `queue_depth` of them in flight on its own kernel AIO context.
+// worker keeps up to `queue_depth` of them in flight on its own kernel queue (an AIO
+// context or an io_uring ring, whichever implementation of IoQueue the library links).
 // Files are opened with O_DIRECT. O_DIRECT needs 4 KiB-aligned addresses, lengths and
 // offsets: aligned full blocks go straight between the caller's buffer and the disk, while an
 // unaligned buffer and a partial last block pass through per-worker aligned bounce buffers
 // (the copy runs on the worker while other blocks are in flight, so it costs little).
 #pragma once
-
-#include <libaio.h>
 
 #include <atomic>
 #include <condition_variable>
@@ -22,6 +21,8 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include "aio_queue.h"
 
 namespace deepscale {
 namespace aio {
@@ -59,7 +60,6 @@ public:
 
 private:
     struct Slot {
-        struct iocb cb;
         int64_t offset = 0;   // byte offset of the block inside the request
         int64_t length = 0;   // bytes of the caller's buffer this block covers
         bool bounced = false;
@@ -67,13 +67,13 @@ private:
     };
     void loop();
     void run_job(const Job& job);
-    bool submit_block(const Job& job, int64_t block, Slot* slot);
+    IoOp prepare_block(const Job& job, int64_t block, Slot* slot);
     void complete(const Job& job, Slot* slot, long result);
 
     int64_t block_size_;
     int queue_depth_;
     bool single_submit_;
-    io_context_t ctx_ = 0;
+    std::unique_ptr<IoQueue> io_;
     std::vector<char*> bounce_;
     std::deque<Job> queue_;
     std::mutex mutex_;
