@@ -1,19 +1,19 @@
 """``AsyncIOHandle``: read and write tensors to files, synchronously or in the background.
 
-The compiled ``async_io`` op (libaio, O_DIRECT, one queue per worker thread) does the work
-when it can be built; otherwise a thread pool of ``os.pread``/``os.pwrite`` calls does, with
-the same methods and the same errors. Errors surface as ``OSError`` carrying the file path.
+A compiled engine (O_DIRECT, one kernel queue per worker thread: the ``async_io_uring`` op over
+io_uring, or the ``async_io`` op over libaio) does the work when it can be built and started;
+otherwise a thread pool of ``os.pread``/``os.pwrite`` calls does, with the same methods and the
+same errors (see ``backends.py`` for the choice). Errors surface as ``OSError`` carrying the
+file path.
 """
 import os
 import threading
 
 import torch
 
+from deepscale.ops.aio.backends import open_engine, requested_backend
 from deepscale.ops.aio.buffers import free_cpu_locked_tensor, new_cpu_locked_tensor
 from deepscale.ops.aio.config import AioConfig
-from deepscale.ops.aio.fallback import PythonEngine
-from deepscale.ops.aio.native_engine import NativeEngine
-from deepscale.ops.op_loader import load_op
 
 
 def _raise_for(err, path, is_read):
@@ -33,21 +33,24 @@ class AsyncIOHandle:
         overlap_events: overlap submission and completion. Default True.
         thread_count: worker threads. Default 1.
         use_direct: open files with O_DIRECT (bypass the page cache). Default True.
-        backend: ``"auto"`` (compiled op if available), ``"native"`` (require it) or ``"python"``.
+        backend: ``"auto"`` (io_uring, else libaio, else Python: the first that builds and
+            starts here), ``"io_uring"``, ``"libaio"`` or ``"python"`` (exactly that engine), or
+            ``"native"`` (io_uring, else libaio; never Python). Default None: the
+            ``DEEPSCALE_AIO_BACKEND`` environment variable, else ``"auto"``. The engine in use
+            is ``handle.backend``.
+
+    Raises:
+        ValueError: an unknown backend name.
+        RuntimeError: the requested backend cannot run here (with the reason).
     """
 
     def __init__(self, block_size=1 << 20, queue_depth=8, single_submit=False, overlap_events=True, thread_count=1,
-                 use_direct=True, backend="auto"):
+                 use_direct=True, backend=None):
         self.config = AioConfig(block_size=block_size, queue_depth=queue_depth, thread_count=thread_count,
                                 single_submit=single_submit, overlap_events=overlap_events)
-        if backend not in ("auto", "native", "python"):
-            raise ValueError(f"backend must be one of 'auto', 'native', 'python', got {backend!r}")
         args = (block_size, queue_depth, single_submit, overlap_events, thread_count, bool(use_direct))
-        op = load_op("async_io") if backend != "python" else None
-        if backend == "native" and op is None:
-            raise RuntimeError("the async_io op is not available; see `deepscale report` for the reason")
-        self._engine = NativeEngine(op, *args) if op is not None else PythonEngine(*args)
-        self.backend = "libaio" if op is not None else "python"
+        self._engine = open_engine(requested_backend(backend), args)
+        self.backend = self._engine.backend  # "io_uring", "libaio" or "python"
         self._pending = []  # (request id, path, is_read, tensor kept alive, finish callback)
         self._lock = threading.Lock()
 

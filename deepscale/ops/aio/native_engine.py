@@ -1,4 +1,5 @@
-"""Python face of the compiled async I/O engine (libaio worker pool, loaded with ctypes)."""
+"""Python face of the compiled async I/O engine (worker pool over libaio or io_uring, loaded with ctypes)."""
+import ctypes
 import os
 
 
@@ -6,15 +7,16 @@ class NativeEngine:
     """The compiled engine with the same methods as :class:`~deepscale.ops.aio.fallback.PythonEngine`.
 
     Args:
-        lib: the loaded ``async_io`` library.
+        lib: the loaded ``async_io`` or ``async_io_uring`` library.
         block_size, queue_depth, single_submit, overlap_events, num_threads, use_direct: see
             :class:`~deepscale.ops.aio.handle.AsyncIOHandle`.
     """
 
-    backend = "libaio"
-
     def __init__(self, lib, block_size, queue_depth, single_submit, overlap_events, num_threads, use_direct):
         self._lib = lib
+        self._engine = None
+        lib.ds_aio_backend.restype = ctypes.c_char_p
+        self.backend = lib.ds_aio_backend().decode()  # "libaio" or "io_uring"
         self._engine = lib.ds_aio_create(block_size, queue_depth, int(single_submit), int(overlap_events),
                                          num_threads, int(use_direct))
         if not self._engine:
