@@ -1,5 +1,6 @@
-"""Async I/O throughput: write and read a tensor to a file with deepscale's aio op (locked and
-ordinary buffers) against a chunked O_DIRECT loop, fio, and DeepSpeed's async_io op.
+"""Async I/O throughput: write and read a tensor to a file with deepscale's aio op (io_uring and
+libaio backends, locked and ordinary buffers) against a chunked O_DIRECT loop, fio, and
+DeepSpeed's async_io op.
 
     python benchmarks/bench_aio.py [--dir /tmp/aio_bench] [--sizes 1G,4G] [--block-size 1M]
                                    [--queue-depth 8] [--threads 1]
@@ -92,15 +93,27 @@ def deepspeed_handle(block, depth, threads):
         return None
 
 
-def run_size(args, nbytes, ds):
-    ours = AsyncIOHandle(block_size=args.block_size, queue_depth=args.queue_depth, thread_count=args.threads)
+def our_handles(args):
+    """One handle per compiled backend that runs here (the Python engine when none does)."""
+    settings = dict(block_size=args.block_size, queue_depth=args.queue_depth, thread_count=args.threads)
+    handles = []
+    for backend in ("io_uring", "libaio"):
+        try:
+            handles.append(AsyncIOHandle(backend=backend, **settings))
+        except RuntimeError as exc:
+            print(f"deepscale {backend} unavailable: {exc}", file=sys.stderr)
+    return handles or [AsyncIOHandle(backend="python", **settings)]
+
+
+def run_size(args, nbytes, ds, handles):
     path = os.path.join(args.dir, "bench.bin")
     results = []
 
     def record(name, direction, seconds=None, rate=None):
         gbps = (rate if rate is not None else nbytes / seconds) / 1e9
         results.append(dict(contender=name, direction=direction, bytes=nbytes, gb_per_s=gbps))
-        print(f"{nbytes >> 30:>4} GiB {direction:<6} {name:<28} {gbps:>7.2f}", flush=True)
+        size = f"{nbytes >> 30} GiB" if nbytes >= 1 << 30 else f"{nbytes >> 20} MiB"
+        print(f"{size:>8} {direction:<6} {name:<30} {gbps:>7.2f}", flush=True)
 
     # An ordinary torch.empty tensor starts 64 bytes into a page: not aligned for O_DIRECT.
     buffers = {"locked": new_cpu_locked_tensor(nbytes, torch.empty(0, dtype=torch.uint8)),
@@ -111,8 +124,9 @@ def run_size(args, nbytes, ds):
         is_read = direction == "read"
         for kind, buf in buffers.items():
             fresh = None if is_read else path
-            op = ours.sync_pread if is_read else ours.sync_pwrite
-            record(f"deepscale {ours.backend} ({kind})", direction, timed(lambda: op(buf, path), fresh))
+            for ours in handles:
+                op = ours.sync_pread if is_read else ours.sync_pwrite
+                record(f"deepscale {ours.backend} ({kind})", direction, timed(lambda: op(buf, path), fresh))
             if ds is not None:
                 ds_op = ds.sync_pread if is_read else ds.sync_pwrite
                 record(f"deepspeed async_io ({kind})", direction, timed(lambda: ds_op(buf, path), fresh))
@@ -137,10 +151,11 @@ def main():
     os.makedirs(args.dir, exist_ok=True)
     ds = None if args.no_deepspeed else deepspeed_handle(args.block_size, args.queue_depth, args.threads)
     print(f"page cache dropped between runs: {drop_caches()}")
-    print(f"{'size':>8} {'dir':<6} {'contender':<28} {'GB/s':>7}")
+    print(f"{'size':>8} {'dir':<6} {'contender':<30} {'GB/s':>7}")
+    handles = our_handles(args)
     rows = []
     for size in args.sizes.split(","):
-        rows += run_size(args, parse_size(size), ds)
+        rows += run_size(args, parse_size(size), ds, handles)
     print(json.dumps({"benchmark": "aio", "block_size": args.block_size, "queue_depth": args.queue_depth,
                       "threads": args.threads, "rows": rows}))
 
