@@ -2,8 +2,8 @@
 
 Re-exports the top-level ``op_builder`` package (``CPUAdamBuilder``, ``AsyncIOBuilder``, ...).
 """
-from op_builder import (ALL_OPS, AsyncIOBuilder, Compatibility, CPUAdagradBuilder, CPUAdamBuilder, CPULionBuilder,
+from op_builder import (ALL_OPS, AsyncIOBuilder, AsyncIOUringBuilder, Compatibility, CPUAdagradBuilder, CPUAdamBuilder, CPULionBuilder,
                         FusedAdamBuilder, OpBuilder, OpBuildError, get_builder)
 
-__all__ = ["ALL_OPS", "AsyncIOBuilder", "Compatibility", "CPUAdagradBuilder", "CPUAdamBuilder", "CPULionBuilder",
+__all__ = ["ALL_OPS", "AsyncIOBuilder", "AsyncIOUringBuilder", "Compatibility", "CPUAdagradBuilder", "CPUAdamBuilder", "CPULionBuilder",
            "FusedAdamBuilder", "OpBuilder", "OpBuildError", "get_builder"]

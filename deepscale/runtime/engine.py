@@ -198,7 +198,18 @@ class Engine(torch.nn.Module):
 
     @contextlib.contextmanager
     def no_sync(self):
-        """Skip the gradient all-reduce inside this block; gradients accumulate locally."""
+        """Skip the gradient all-reduce inside this block; gradients accumulate locally.
+
+        At ZeRO stages 0 and 1 the rank keeps whole gradients, so the reduction is deferred to
+        the first backward outside the block. At stages 2 and 3 a rank never holds the whole
+        gradient, so gradients are still reduce-scattered into their partitions on every
+        backward: the result is the same, only the communication is not saved (DeepSpeed
+        refuses ``no_sync`` at these stages instead).
+        """
+        if self._config.zero_stage >= 2 and not getattr(self, "_no_sync_noted", False):
+            self._no_sync_noted = True
+            logger.info(f"engine.no_sync() at ZeRO stage {self._config.zero_stage}: gradients are partitioned, so they "
+                        "are still reduce-scattered on every backward (same result, no communication saved)")
         previous = self._in_no_sync
         self._in_no_sync = True
         try:

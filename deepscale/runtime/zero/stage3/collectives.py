@@ -100,17 +100,22 @@ class CollectiveRunner:
                                                                 "broadcast"))
         return all_gather_flat(output, shard, self.group, async_op=True)
 
-    def reduce_scatter(self, output: torch.Tensor, flat: torch.Tensor, info: CollectiveInfo):
+    def reduce_scatter(self, flat: torch.Tensor, info: CollectiveInfo,
+                       make_output: Callable[[], torch.Tensor]):
+        """Start summing ``flat`` (rank-major rows) over ranks. Returns ``(work, result)``: after
+        ``work.wait()``, ``result`` holds this rank's summed row. ``make_output`` supplies the
+        result tensor when the collective needs a separate one (per-owner reduces leave the
+        result in place, in ``flat``)."""
         self._before(info)
         self.num_reduce_scatters += 1
         if self.world_size == 1:
-            output.copy_(flat)
-            return _Done()
+            return _Done(), flat
         if self.per_owner:
             handles, own = owner_collectives.reduce_scatter_flat(flat, self.rank, self.world_size, self.group,
                                                                  "reduce")
-            return _OwnerWork(handles, lambda: output.copy_(own))
-        return reduce_scatter_flat(output, flat, self.group, async_op=True)
+            return _OwnerWork(handles), own
+        output = make_output()
+        return reduce_scatter_flat(output, flat, self.group, async_op=True), output
 
     def check_boundary(self, kind: str, last_module: str) -> None:
         """In debug mode, check that every rank reaches the same phase boundary (``end_forward``,

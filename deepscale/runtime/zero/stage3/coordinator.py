@@ -219,10 +219,10 @@ class ParamCoordinator:
             self._complete_oldest()
 
     def _complete_oldest(self) -> None:
-        work, group, output, _ = self._pending.pop(0)
+        work, group, output, flat = self._pending.pop(0)
         group.runner.wait(work, group.reduce_info)
         self.on_reduced(group, output)
-        group.finish_reduce(output)
+        group.finish_reduce(flat)
 
     def end_backward(self) -> None:
         """Flush groups whose gradients came in only partly, finish every reduce, release."""

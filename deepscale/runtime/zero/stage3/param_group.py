@@ -84,7 +84,7 @@ class ParamGroup:
         self._staging: Optional[ReleasableBuffer] = None
         self._reduce_input: Optional[ReleasableBuffer] = None
         self._reduce_output: Optional[ReleasableBuffer] = None
-        self._reduce_busy = False
+        self._reduce_busy, self._reduce_owner = False, None
         modules, shown = _short_list(module_names), _short_list(names)
         self.gather_info = CollectiveInfo("all_gather", index, modules, shown, self.shard_numel)
         self.reduce_info = CollectiveInfo("reduce_scatter", index, modules, shown, self.shard_numel * self.world_size)
@@ -183,8 +183,9 @@ class ParamGroup:
     @torch.no_grad()
     def start_reduce(self, comm_dtype: torch.dtype, trainable: Sequence[torch.nn.Parameter]):
         """Copy the gradients of ``trainable`` into the rank-major buffer and issue the
-        reduce-scatter; clears their ``.grad``. Returns ``(work, output)``, ``output`` aligned
-        with ``shard_flat``."""
+        reduce-scatter; clears their ``.grad``. Returns ``(work, output, flat)``: once ``work``
+        is waited on, ``output`` holds the summed gradients aligned with ``shard_flat``; pass
+        ``flat`` to :meth:`finish_reduce` after consuming ``output``."""
         world = self.world_size
         single = len(self.params) == 1 and trainable
         grad = trainable[0].grad if single else None
@@ -192,7 +193,8 @@ class ParamGroup:
                 and grad.numel() == world * self.shard_numel):
             flat = grad.reshape(-1)
         else:
-            flat = self._reduce_buffer("_reduce_input", world * self.shard_numel, comm_dtype).zero_()
+            flat = self._reduce_buffer("_reduce_input", world * self.shard_numel, comm_dtype,
+                                       self._reduce_busy).zero_()
             rows = flat.view(world, self.shard_numel)
             position = {id(p): i for i, p in enumerate(self.params)}
             for param in trainable:
@@ -201,14 +203,17 @@ class ParamGroup:
                     _copy_into_rows(rows, param.grad.reshape(-1), self.offsets[index], self.chunks[index])
         for param in trainable:
             param.grad = None
-        output = self._reduce_buffer("_reduce_output", self.shard_numel, comm_dtype)
-        self._reduce_busy = True
-        return self.runner.reduce_scatter(output, flat, self.reduce_info), output, flat
+        busy = self._reduce_busy
+        work, output = self.runner.reduce_scatter(
+            flat, self.reduce_info, lambda: self._reduce_buffer("_reduce_output", self.shard_numel, comm_dtype, busy))
+        if not busy:
+            self._reduce_busy, self._reduce_owner = True, flat
+        return work, output, flat
 
-    def _reduce_buffer(self, attr: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _reduce_buffer(self, attr: str, numel: int, dtype: torch.dtype, busy: bool) -> torch.Tensor:
         # A second reduce of this group while the first is in flight (reentrant activation
         # checkpointing runs several backwards) gets fresh tensors.
-        if self._reduce_busy:
+        if busy:
             return torch.empty(numel, dtype=dtype, device=self.device)
         buffer = getattr(self, attr)
         if buffer is None or buffer.dtype != dtype:
@@ -216,13 +221,14 @@ class ParamGroup:
             setattr(self, attr, buffer)
         return buffer.acquire()
 
-    def finish_reduce(self, output: torch.Tensor) -> None:
-        """The reduce-scatter that produced ``output`` was consumed: give its buffers' memory back."""
-        if self._reduce_output is not None and output is self._reduce_output.tensor:
-            self._reduce_output.release()
-            if self._reduce_input is not None:
-                self._reduce_input.release()
-            self._reduce_busy = False
+    def finish_reduce(self, flat: torch.Tensor) -> None:
+        """The reduce-scatter of ``flat`` was consumed: give its buffers' memory back."""
+        if flat is not self._reduce_owner:
+            return  # it used fresh tensors (issued while the buffers were busy)
+        for buffer in (self._reduce_input, self._reduce_output):
+            if buffer is not None:
+                buffer.release()
+        self._reduce_busy, self._reduce_owner = False, None
 
 
 def _copy_into_rows(rows: torch.Tensor, grad: torch.Tensor, offset: int, chunk: int) -> None:
