@@ -122,6 +122,8 @@ def prebuild_deepspeed_ops() -> None:
 def run_one(args, framework, dtype, stage, out_dir: Path) -> dict:
     """Launch one run's ranks; return the aggregated row (or a row with 'error'/'skipped')."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("rank*.json"):  # figures of an earlier run must not pass for this one's
+        stale.unlink()
     spec = make_spec(args, framework, dtype, stage, out_dir)
     env = {"BENCH_SPEC": json.dumps(spec), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     load_before = os.getloadavg()[0]
@@ -130,8 +132,11 @@ def run_one(args, framework, dtype, stage, out_dir: Path) -> dict:
     # The 1-minute load average before and after: other work on the machine skews timings.
     row = {"framework": framework, "dtype": dtype, "stage": stage,
            "load_before": load_before, "load_after": os.getloadavg()[0]}
-    if not ok:
+    written = all((out_dir / f"rank{r}.json").is_file() for r in range(args.nproc))
+    if not ok and not written:
         return dict(row, error=message)
+    if not ok:  # every rank finished its steps and wrote its figures, then one failed on exit
+        row["exit_error"] = _last_line(message)
     ranks = common.read_rank_results(out_dir, args.nproc)
     if "skipped" in ranks[0]:
         return dict(row, skipped=ranks[0]["skipped"])
@@ -202,7 +207,9 @@ def render_table(rows) -> str:
                      "/".join(f"{m:.0f}" for m in r["peak_rss_mib"]), _fmt(r["init_s"], ".2f"),
                      _fmt(r["init_call_s"], ".2f"), _fmt(r["first_step_s"], ".2f"),
                      _fmt(r["loss_at_10"], ".4f"), _fmt(r.get("bf16_drift"), ".4f")])
-    return common.format_table(headers, body)
+    notes = [f"note: {r['framework']} {r['dtype']} stage {r['stage']}: every rank wrote its figures, then a rank "
+             f"failed on exit: {r['exit_error']}" for r in rows if r.get("exit_error")]
+    return "\n".join([common.format_table(headers, body)] + notes)
 
 
 def check_targets(rows):

@@ -32,7 +32,8 @@ def pick_methods(backend: str, reduce_scatter: bool, allgather_partitions: bool)
     return reduce_method, gather_method
 
 
-def _global(group, rank: int) -> int:
+def global_rank(group, rank: int) -> int:
+    """The global rank of ``rank`` of ``group`` (None: the default group)."""
     return dist.get_global_rank(group, rank) if group is not None else rank
 
 
@@ -52,7 +53,7 @@ def reduce_scatter_flat(flat: torch.Tensor, rank: int, world_size: int, group, m
     if method == "all_reduce":
         return [dist.all_reduce(flat, group=group, async_op=True)], own
     if method == "reduce":
-        handles = [dist.reduce(flat[r * chunk:(r + 1) * chunk], dst=_global(group, r), group=group, async_op=True)
+        handles = [dist.reduce(flat[r * chunk:(r + 1) * chunk], dst=global_rank(group, r), group=group, async_op=True)
                    for r in range(world_size)]
         return handles, own
     raise ValueError(f"reduce method must be one of {REDUCE_METHODS}, got {method!r}")
@@ -68,6 +69,6 @@ def all_gather_flat(flat: torch.Tensor, rank: int, world_size: int, group, metho
         own = flat[rank * chunk:(rank + 1) * chunk]
         return [dist.all_gather_into_tensor(flat, own, group=group, async_op=True)]
     if method == "broadcast":
-        return [dist.broadcast(flat[r * chunk:(r + 1) * chunk], src=_global(group, r), group=group, async_op=True)
+        return [dist.broadcast(flat[r * chunk:(r + 1) * chunk], src=global_rank(group, r), group=group, async_op=True)
                 for r in range(world_size)]
     raise ValueError(f"gather method must be one of {GATHER_METHODS}, got {method!r}")

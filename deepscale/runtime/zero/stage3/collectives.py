@@ -100,6 +100,25 @@ class CollectiveRunner:
                                                                 "broadcast"))
         return all_gather_flat(output, shard, self.group, async_op=True)
 
+    def gather_pieces(self, full: torch.Tensor, shard: torch.Tensor, offsets, chunks, info: CollectiveInfo):
+        """All-gather a multi-parameter group straight into its full layout (per-owner backends).
+
+        Parameter ``i`` is ``chunks[i]`` elements at ``offsets[i]`` of ``shard`` and occupies
+        ``full[offsets[i] * world : (offsets[i] + chunks[i]) * world]``, owner by owner. One
+        broadcast per parameter and owner fills it in place, so no staging buffer is needed.
+        """
+        self._before(info)
+        self.num_all_gathers += 1
+        world, rank, handles = self.world_size, self.rank, []
+        for offset, chunk in zip(offsets, chunks):
+            base = offset * world
+            full[base + rank * chunk:base + (rank + 1) * chunk].copy_(shard[offset:offset + chunk])
+            for owner in range(world):
+                piece = full[base + owner * chunk:base + (owner + 1) * chunk]
+                handles.append(dist.broadcast(piece, src=owner_collectives.global_rank(self.group, owner),
+                                              group=self.group, async_op=True))
+        return _OwnerWork(handles)
+
     def reduce_scatter(self, flat: torch.Tensor, info: CollectiveInfo,
                        make_output: Callable[[], torch.Tensor]):
         """Start summing ``flat`` (rank-major rows) over ranks. Returns ``(work, result)``: after

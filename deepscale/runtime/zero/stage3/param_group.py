@@ -19,8 +19,9 @@ full buffer for its lifetime (``buffers.py``); :meth:`ParamGroup.release` gives 
 and the next gather (the one before backward) fills it again, so the saved views see the
 values again without holding memory in between (PyTorch FSDP2 does the same with storage
 resizing). The pre-backward hooks on module outputs make the refill happen before a saved view
-is read. The all-gather staging buffer of a multi-parameter group and the reduce-scatter input
-are kept per group the same way, so the hot path allocates nothing.
+is read. The all-gather staging buffer of a multi-parameter group (fused collectives only: on
+gloo one broadcast per parameter and owner writes straight into the full layout) and the
+reduce-scatter input are kept per group the same way, so the hot path allocates nothing.
 """
 from typing import List, Optional, Sequence
 
@@ -121,6 +122,10 @@ class ParamGroup:
         full = self._full.acquire()
         if len(self.params) == 1:
             self._gathered = full  # the rows are the padded parameter: gather in place
+        elif self.runner.per_owner:
+            self._gathered = full  # one broadcast per parameter and owner, straight into place
+            self._work = self.runner.gather_pieces(full, self.shard_flat, self.offsets, self.chunks, self.gather_info)
+            return
         else:
             if self._staging is None:
                 self._staging = ReleasableBuffer(numel, self.dtype, self.device)
