@@ -23,16 +23,17 @@ def _first_line(text):
     return lines[0] if lines else "unknown error"
 
 
-def load_op(name, verbose=False):
+def load_op(name, verbose=False, fallback="the PyTorch implementation"):
     """The compiled module of op ``name``, or None when it cannot be built or loaded here.
 
     The first failure for an op logs one warning: ``op '<name>' is not available (<reason>);
-    using the PyTorch implementation``. Set ``DEEPSCALE_DISABLE_OPS=1`` (or a comma list of op
-    names) to force the fallbacks.
+    using <fallback>``. Set ``DEEPSCALE_DISABLE_OPS=1`` (or a comma list of op names) to force
+    the fallbacks.
 
     Args:
         name: op name, one of ``op_builder.ALL_OPS``.
         verbose: show the build's compiler commands and output. Default False.
+        fallback: what the caller uses instead, for the warning. Default "the PyTorch implementation".
     """
     with _LOCK:
         if name in _STATUS:
@@ -44,7 +45,7 @@ def load_op(name, verbose=False):
             module, reason = _try_load(name, verbose)
         _STATUS[name] = (module, reason)
         if module is None:
-            logger.warning(f"op '{name}' is not available ({reason}); using the PyTorch implementation")
+            logger.warning(f"op '{name}' is not available ({reason}); using {fallback}")
         return module
 
 

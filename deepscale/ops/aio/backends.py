@@ -46,7 +46,8 @@ def _compiled_engine(name, args, next_name):
         compat = get_builder(op).is_compatible()
         reason = None if compat else compat.reason
     if reason is None:
-        lib = load_op(op)
+        instead = f"the {next_name} async I/O backend" if next_name else "no other backend (requested explicitly)"
+        lib = load_op(op, fallback=instead)
         if lib is None:
             return None, (op_status(op) or (False, "not loaded"))[1]
         try:
