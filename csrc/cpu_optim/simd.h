@@ -118,19 +118,19 @@ inline Vec loadv(BF16, const uint16_t* p) {
 inline Vec loadv(F16, const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-inline void storev(F32, float* p, Vec v) { _mm512_storeu_ps(p, v); }
-inline void storev(NoOut, uint16_t*, Vec) {}
-inline void storev(BF16, uint16_t* p, Vec v) {
+using Half = __m256i;  // kWidth half-precision values
+inline Half to_half(BF16, Vec v) {
     __m512i bits = _mm512_castps_si512(v);
     __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
     __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+    return _mm512_cvtepi32_epi16(rounded);
 }
-inline void storev(F16, uint16_t* p, Vec v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
+inline Half to_half(F16, Vec v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+inline void store_half(uint16_t* p, Half h) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h); }
+inline void stream_half(uint16_t* p, Half h) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h); }
+inline void storev(F32, float* p, Vec v) { _mm512_storeu_ps(p, v); }
 
 // ---- AVX2 (+FMA, F16C) -----------------------------------------------------------------------
 #elif defined(__DEEPSCALE_SIMD_AVX2__)
@@ -150,9 +150,8 @@ inline Vec loadv(BF16, const uint16_t* p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 inline Vec loadv(F16, const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline void storev(F32, float* p, Vec v) { _mm256_storeu_ps(p, v); }
-inline void storev(NoOut, uint16_t*, Vec) {}
-inline void storev(BF16, uint16_t* p, Vec v) {
+using Half = __m128i;  // kWidth half-precision values
+inline Half to_half(BF16, Vec v) {
     __m256i bits = _mm256_castps_si256(v);
     __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
     __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
@@ -160,12 +159,26 @@ inline void storev(BF16, uint16_t* p, Vec v) {
     rounded = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(nan));
     // Values are <= 0xffff, so unsigned-saturating packing keeps them; it packs within
     // 128-bit lanes, hence the split into halves first.
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    return _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
 }
-inline void storev(F16, uint16_t* p, Vec v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
-}
+inline Half to_half(F16, Vec v) { return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
+inline void store_half(uint16_t* p, Half h) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h); }
+inline void stream_half(uint16_t* p, Half h) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), h); }
+inline void storev(F32, float* p, Vec v) { _mm256_storeu_ps(p, v); }
+
+#endif
+
+#if defined(__DEEPSCALE_SIMD_AVX512__) || defined(__DEEPSCALE_SIMD_AVX2__)
+// Half-precision stores, shared by both x86 levels. stream_half is a non-temporal store: it
+// writes around the caches (no read-for-ownership of a line that is only written), for
+// destinations aligned to sizeof(Half) that nobody reads back soon.
+template <class H>
+inline void storev(H tag, uint16_t* p, Vec v) { store_half(p, to_half(tag, v)); }
+inline void storev(NoOut, uint16_t*, Vec) {}
+template <class H>
+inline void streamv(H tag, uint16_t* p, Vec v) { stream_half(p, to_half(tag, v)); }
+inline void streamv(NoOut, uint16_t*, Vec) {}
+inline void stream_fence() { _mm_sfence(); }
 
 // ---- portable (scalar, NEON): the compiler vectorises the scalar loop ------------------------
 #else

@@ -180,6 +180,22 @@ def test_fp16_params_and_copy_out_in_the_same_pass():
         assert torch.equal(out16, p_a.to(torch.float16))
 
 
+def test_large_copy_out_streams_the_same_values():
+    # Over 2M elements per step the copy-out buffer is written with non-temporal stores when
+    # it is aligned; a buffer one element off the alignment takes the ordinary stores.
+    gen = torch.Generator().manual_seed(5)
+    n = (1 << 21) + 13
+    param = torch.randn(n, generator=gen)
+    param.grad = torch.randn(n, generator=gen)
+    opt = DeepScaleCPUAdam([param], lr=1e-2, num_threads=2)
+    for dtype in (torch.bfloat16, torch.float16):
+        aligned = torch.empty(n, dtype=dtype)
+        misaligned = torch.empty(n + 1, dtype=dtype)[1:]
+        for out in (aligned, misaligned):
+            opt.step(fp16_param_groups=[[out]])
+            assert torch.equal(out, param.to(dtype))
+
+
 def test_fp16_params_with_fp32_grads_and_states():
     gen = torch.Generator().manual_seed(2)
     init = [torch.randn(n, generator=gen) for n in SIZES]
