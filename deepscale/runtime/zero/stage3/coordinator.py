@@ -81,9 +81,11 @@ class ParamCoordinator:
         self.inflight_numel += group.numel
         group.start_gather()
 
-    def release(self, group: ParamGroup) -> None:
-        if group.persistent or group.is_sharded:
+    def release(self, group: ParamGroup, force: bool = False) -> None:
+        """Release ``group`` unless persistent or (without ``force``) held for the backward."""
+        if group.persistent or group.is_sharded or (group.held_for_backward and not force):
             return
+        group.held_for_backward = False
         if group.state == ShardState.GATHERING:
             self.inflight_numel -= group.numel
         group.release()
@@ -93,7 +95,7 @@ class ParamCoordinator:
         """Release every non-persistent group (``engine.empty_partition_cache()``)."""
         for group in self.groups:
             group.users = 0
-            self.release(group)
+            self.release(group, force=True)
 
     # --- forward --------------------------------------------------------------------------
     def begin_forward(self) -> None:
@@ -237,7 +239,7 @@ class ParamCoordinator:
         for group in self.groups:
             group.backward_done = False
             group.users = 0
-            self.release(group)
+            self.release(group, force=True)
         self.module_stack.clear()
         if self.training == TrainingState.BACKWARD:
             self.training.to(TrainingState.IDLE)

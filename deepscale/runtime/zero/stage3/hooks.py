@@ -68,22 +68,32 @@ class ModuleHooks:
 
     def _post_forward(self, module, args, output):
         groups = self.groups()
+        if torch.is_grad_enabled() and (groups or self.is_root) and not self._hook_outputs(output, groups):
+            # No tensor to hook in the output (a custom object holding them): the groups could
+            # not be re-gathered before this module's backward, which reads the weights autograd
+            # saved, so they stay gathered until the backward ends.
+            for group in groups:
+                group.held_for_backward = True
         if groups:
             self.coordinator.release_after_forward(groups)
         if self.coordinator.module_stack:
             self.coordinator.module_stack.pop()
-        if torch.is_grad_enabled() and (groups or self.is_root):
-            self._hook_outputs(output, groups)
         if self.is_root:
             self.coordinator.end_forward()
         return None
 
-    def _hook_outputs(self, output, groups: List[ParamGroup]) -> None:
+    def _hook_outputs(self, output, groups: List[ParamGroup]) -> bool:
+        """Hook the output tensors that will see a gradient; False when the output holds no
+        tensor at all that pytree can see (so a backward through it could not be hooked)."""
         flat, _ = tree_flatten(output)
         hook = self._make_pre_backward(groups)
+        found = False
         for value in flat:
-            if isinstance(value, torch.Tensor) and value.requires_grad and value.grad_fn is not None:
-                value.register_hook(hook)
+            if isinstance(value, torch.Tensor):
+                found = True
+                if value.requires_grad and value.grad_fn is not None:
+                    value.register_hook(hook)
+        return found
 
     def _make_pre_backward(self, groups: List[ParamGroup]) -> Callable:
         coordinator = self.coordinator

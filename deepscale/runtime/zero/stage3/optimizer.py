@@ -230,7 +230,7 @@ class Stage3Optimizer:
                 g.finish_gather()
             elif not g.is_sharded:
                 g.users = 0
-                self.coordinator.release(g)
+                self.coordinator.release(g, force=True)
 
     # --- forward / backward ---------------------------------------------------------------
     def forward_context(self):

@@ -86,6 +86,7 @@ class ParamGroup:
         self._reduce_input: Optional[ReleasableBuffer] = None
         self._reduce_output: Optional[ReleasableBuffer] = None
         self._reduce_busy, self._reduce_owner = False, None
+        self.held_for_backward = False  # stays gathered until the backward ends (see hooks.py)
         modules, shown = _short_list(module_names), _short_list(names)
         self.gather_info = CollectiveInfo("all_gather", index, modules, shown, self.shard_numel)
         self.reduce_info = CollectiveInfo("reduce_scatter", index, modules, shown, self.shard_numel * self.world_size)
