@@ -7,6 +7,8 @@ pass and can write the new parameter as bf16/fp16 into a second buffer in the sa
 (``fp16_param_groups``: the copy ZeRO-Offload sends back to the device).
 When the op cannot be built, the same update runs in PyTorch (fp32 math).
 """
+import operator
+
 import torch
 
 from deepscale.ops.native import check, int64_array
@@ -44,6 +46,9 @@ class CPUOptimizerBase(torch.optim.Optimizer):
         self.fp32_optimizer_states = bool(fp32_optimizer_states)
         self.num_threads = num_threads
         self._plans = {}  # group index -> packed slots of the last step (see _signature)
+        getter = operator.itemgetter(*self.STATE_NAMES)
+        # state dict -> its state tensors, in STATE_NAMES order (one C call per parameter)
+        self._state_tensors = getter if len(self.STATE_NAMES) > 1 else (lambda state: (getter(state),))
         self._op = load_op(self.OP_NAME)
 
     @property
@@ -143,7 +148,7 @@ class CPUOptimizerBase(torch.optim.Optimizer):
         for step, items in by_step.items():
             flat = self._apply(group, step, items)
             if reusable and flat is not None and len(by_step) == 1:
-                self._plans[group_index] = (self._signature(group, outs), int64_array(flat), len(flat), step)
+                self._plans[group_index] = (self._signature(group, outs)[0], int64_array(flat), len(flat), step)
 
     # Note: a plan is the packed slot array of a group from its last step. ZeRO-Offload calls
     # step on the same tensors every iteration, so re-validating and re-packing 100s of tensors
@@ -151,29 +156,32 @@ class CPUOptimizerBase(torch.optim.Optimizer):
     # address and grad dtype the array was built from; any change (new grad tensor elsewhere,
     # swapped-in states, another copy-out buffer) misses the plan and takes the checked path.
     def _signature(self, group, outs):
-        names = self.STATE_NAMES
-        sig = []
+        """``(signature, state dicts)`` of ``group``; ``(None, None)`` when a parameter has no grad or state."""
+        data_ptr, get_state, state_tensors = torch.Tensor.data_ptr, self.state.get, self._state_tensors
+        sig, states = [], []
         for param in group["params"]:
             grad = param.grad
-            state = self.state.get(param)
+            state = get_state(param)
             if grad is None or not state:
-                return None
-            sig.append((param.data_ptr(), param.dtype, grad.data_ptr(), grad.dtype, grad.is_contiguous(),
-                        *[state[n].data_ptr() for n in names]))
+                return None, None
+            states.append(state)
+            sig += (param.data_ptr(), param.dtype, grad.data_ptr(), grad.dtype, grad.is_contiguous())
+            sig += map(data_ptr, state_tensors(state))
         if outs is not None:
-            sig.append(tuple(o.data_ptr() for o in outs))
-        return tuple(sig)
+            sig += map(data_ptr, outs)
+        return sig, states
 
     def _planned_step(self, group_index, group, outs):
         plan = self._plans.get(group_index)
         if plan is None or self._op is None:
             return False
         signature, slots, num_values, step = plan
-        if self._signature(group, outs) != signature:
+        current, states = self._signature(group, outs)
+        if current != signature:
             return False
         step += 1
-        for param in group["params"]:
-            self.state[param]["step"] = step
+        for state in states:
+            state["step"] = step
         threads = self.num_threads or torch.get_num_threads()
         check(self._op, self._kernel_step(slots, num_values, group, step, threads), f"{type(self).__name__}.step")
         self._plans[group_index] = (signature, slots, num_values, step)
