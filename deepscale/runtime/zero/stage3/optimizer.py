@@ -28,7 +28,8 @@ from deepscale.runtime.zero.stage3.grouping import DEFAULT_GROUP_NUMEL, build_gr
 from deepscale.runtime.zero.stage3.hooks import install_module_hooks
 from deepscale.runtime.zero.stage3.param_group import ParamGroup
 from deepscale.runtime.zero.stage3.sequence_check import debug_enabled_from_env
-from deepscale.runtime.zero.stage3.state_dict import full_state_dict, install_load_hooks, serving_full_weights
+from deepscale.runtime.zero.stage3.state_dict import (full_state_dict, gather_full_weights, install_load_hooks,
+                                                     serving_full_weights)
 from deepscale.runtime.zero.stage3.states import TrainingState
 from deepscale.runtime.zero.stage3.watchdog import DEFAULT_WATCHDOG_TIMEOUT_S, Watchdog
 from deepscale.runtime.zero.stage3.zero_param import is_zero_param, partition_param, shard_range, take_shard
@@ -337,15 +338,7 @@ class Stage3Optimizer:
     @contextmanager
     def module_state_context(self):
         """While active, ``module.state_dict()`` on rank 0 returns whole weights (a collective on entry)."""
-        full = {}
-        for g in self.groups:
-            was = g.is_gathered
-            g.finish_gather()
-            if self.rank == 0:
-                for param in g.params:
-                    full[id(param)] = param.data.detach().to("cpu", copy=True)
-            if not was:
-                g.release()
+        full = gather_full_weights(self.groups, keep=self.rank == 0)
         with serving_full_weights(self._module, full):
             yield
 

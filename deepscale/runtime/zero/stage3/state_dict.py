@@ -35,6 +35,18 @@ def full_state_dict(model: torch.nn.Module, groups: List[ParamGroup], rank0_only
         dtype: cast floating-point parameters to this dtype. Default: their own dtype.
     """
     keep = not rank0_only or groups[0].runner.world_size == 1 or _group_rank(groups[0]) == 0
+    full = gather_full_weights(groups, keep, dtype)
+    if not keep:
+        return None
+    with serving_full_weights(model, full):
+        return {k: v.detach().cpu().clone() if not is_zero_param(v) else v for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def gather_full_weights(groups: List[ParamGroup], keep: bool = True,
+                        dtype: Optional[torch.dtype] = None) -> Dict[int, torch.Tensor]:
+    """``id(param) -> whole CPU copy`` of every partitioned parameter, one group at a time (a
+    collective; a rank with ``keep=False`` joins the gathers and returns an empty dict)."""
     full: Dict[int, torch.Tensor] = {}
     for group in groups:
         was_gathered = group.is_gathered
@@ -45,10 +57,7 @@ def full_state_dict(model: torch.nn.Module, groups: List[ParamGroup], rank0_only
                 full[id(param)] = value.to(dtype) if dtype is not None and value.is_floating_point() else value
         if not was_gathered:
             group.release()
-    if not keep:
-        return None
-    with serving_full_weights(model, full):
-        return {k: v.detach().cpu().clone() if not is_zero_param(v) else v for k, v in model.state_dict().items()}
+    return full
 
 
 def _group_rank(group: ParamGroup) -> int:
