@@ -4,9 +4,9 @@ foreach, fused) and DeepSpeed's DeepSpeedCPUAdam (when importable), interleaved 
     python benchmarks/bench_cpu_adam.py [--sizes 10M,100M,300M] [--threads 1,2] [--reps 5]
 
 For every size (1 tensor and 100 tensors) and thread count, each contender does one step in
-turn, `reps` rounds after a warm-up round; the table shows the median. All contenders share
-one set of parameters, gradients and moments (timing does not depend on the values, and it
-keeps 300M parameters within memory). The copy-out rows time the ZeRO-Offload case: fp32
+turn (the order rotates every round), `reps` rounds after a warm-up round; the table shows the
+median. All contenders share one set of parameters, gradients and moments (timing does not
+depend on the values, and it keeps 300M parameters within memory). The copy-out rows time the ZeRO-Offload case: fp32
 master step plus a bf16 copy of the new parameters; deepscale does both in one pass (30 bytes
 per parameter moved instead of 28 + 6). The triad row is the machine's streaming bandwidth
 (a = b + s*c), the floor for a memory-bound update. Prints a table and one JSON line.
@@ -90,9 +90,13 @@ def _with_copy(step, params, outs):
 
 
 def interleaved(runs, reps):
+    # The order rotates every round, so no contender always runs first or always follows the
+    # same one (whose dirty cache lines and busy threads it would inherit).
     times = {name: [] for name in runs}
+    order = list(runs.items())
     for round_index in range(reps + 1):
-        for name, fn in runs.items():
+        shift = round_index % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             start = time.perf_counter()
             fn()
             if round_index:  # round 0 warms caches and lazy state
