@@ -6,9 +6,9 @@ foreach, fused) and DeepSpeed's DeepSpeedCPUAdam (when importable), interleaved 
 For every size (1 tensor and 100 tensors) and thread count, each contender does one step in
 turn (the order rotates every round), `reps` rounds after a warm-up round; the table shows the
 median. All contenders share one set of parameters, gradients and moments (timing does not
-depend on the values, and it keeps 300M parameters within memory). The copy-out rows time the ZeRO-Offload case: fp32
-master step plus a bf16 copy of the new parameters; deepscale does both in one pass (30 bytes
-per parameter moved instead of 28 + 6). The triad row is the machine's streaming bandwidth
+depend on the values, and it keeps 300M parameters within memory). The copy-out rows time the
+ZeRO-Offload case: fp32 master step plus a bf16 copy of the new parameters; deepscale does
+both in one pass (30 bytes per parameter moved instead of 28 + 6). The triad row is the machine's streaming bandwidth
 (a = b + s*c), the floor for a memory-bound update. Prints a table and one JSON line.
 """
 import argparse
