@@ -74,7 +74,9 @@ private:
     int queue_depth_;
     bool single_submit_;
     std::unique_ptr<IoQueue> io_;
-    std::vector<char*> bounce_;
+    std::vector<char*> bounce_;   // queue_depth_ blocks inside one mapping
+    char* bounce_base_ = nullptr;
+    size_t bounce_len_ = 0;
     std::deque<Job> queue_;
     std::mutex mutex_;
     std::condition_variable cv_;
