@@ -142,27 +142,33 @@ void Worker::run_job(const Job& job) {
     int64_t next = job.first_block, end = job.first_block + job.num_blocks;
     int in_flight = 0;
     Request& r = *job.request;
-    while (next < end || in_flight > 0) {
-        // Fill the queue (stop issuing new blocks once the request has failed).
+    auto submit_batch = [&]() {
+        if (batch.empty()) return;
+        int rc = io_->submit(batch.data(), static_cast<int>(batch.size()));
+        if (rc < 0) {
+            r.error.store(-rc);
+            for (const IoOp& op : batch) free_slots.push_back(static_cast<Slot*>(op.tag));
+            next = end;
+        } else {
+            in_flight += rc;
+            for (size_t i = static_cast<size_t>(rc); i < batch.size(); ++i)  // partial submit: retry later
+                free_slots.push_back(static_cast<Slot*>(batch[i].tag)), --next;
+        }
         batch.clear();
+    };
+    // Fill free slots. A block copied into a bounce buffer is submitted at once, so the disk
+    // works on it while the next one is copied (the copy is the slow part for unaligned tensors).
+    auto fill = [&]() {
         while (next < end && !free_slots.empty() && r.error.load() == 0) {
             Slot* slot = free_slots.back();
             free_slots.pop_back();
             batch.push_back(prepare_block(job, next++, slot));
-            if (single_submit_) break;
+            if (single_submit_ || slot->bounced) submit_batch();
         }
-        if (!batch.empty()) {
-            int rc = io_->submit(batch.data(), static_cast<int>(batch.size()));
-            if (rc < 0) {
-                r.error.store(-rc);
-                for (const IoOp& op : batch) free_slots.push_back(static_cast<Slot*>(op.tag));
-                next = end;
-            } else {
-                in_flight += rc;
-                for (size_t i = static_cast<size_t>(rc); i < batch.size(); ++i)  // partial submit: retry later
-                    free_slots.push_back(static_cast<Slot*>(batch[i].tag)), --next;
-            }
-        }
+        submit_batch();
+    };
+    while (next < end || in_flight > 0) {
+        fill();
         if (r.error.load() != 0) next = end;
         if (in_flight == 0) continue;
         int got = io_->reap(done.data(), queue_depth_);
@@ -176,6 +182,7 @@ void Worker::run_job(const Job& job) {
             complete(job, slot, static_cast<long>(done[i].result));
             free_slots.push_back(slot);
             --in_flight;
+            if (slot->bounced && r.is_read) fill();  // refill right after each copy-out of a read
         }
     }
 }
