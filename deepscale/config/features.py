@@ -148,9 +148,11 @@ class TuningOnlyKeys:
 
 TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     # The data-parallel gradient reducer buckets by reduce_bucket_size at every stage.
-    TuningOnlyKeys("zero_optimization", "it only tunes ZeRO stages 1-3 and zero_optimization.stage is 0",
+    TuningOnlyKeys("zero_optimization", "it tunes ZeRO (stages 1-3; the stage3_* keys stage 3 only) and "
+                   "zero_optimization.stage is 0",
                    except_keys=("stage", "reduce_bucket_size"), applies=lambda cfg: cfg.zero_optimization.stage == 0),
-    TuningOnlyKeys("aio", "asynchronous NVMe I/O (aio) is not built yet"),
+    TuningOnlyKeys("aio", "the engine uses it for NVMe offload, which is not built yet (deepscale.ops.aio handles "
+                          "take these keys through AioConfig.from_dict)"),
     TuningOnlyKeys("activation_checkpointing", "deepscale.checkpointing (activation checkpointing) is not built yet"),
     TuningOnlyKeys("comms_logger", "the communication logger is not built yet"),
     TuningOnlyKeys("checkpoint", "this checkpoint option is not implemented yet"),
