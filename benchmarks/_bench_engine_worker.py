@@ -99,15 +99,24 @@ def setup_ddp(spec, model, torch):
     dist.init_process_group("gloo")
     ddp = DistributedDataParallel(model)
     opt = spec["optim"]
-    optimizer = torch.optim.AdamW(ddp.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]),
-                                  eps=opt["eps"], weight_decay=opt["weight_decay"])
-    bf16 = spec["dtype"] == "bf16"
+    optimizer = _adamw(ddp.parameters(), opt, torch)
+    return _plain_step(ddp, optimizer, opt["clip"], torch, autocast_bf16=spec["dtype"] == "bf16")
 
+
+def _adamw(params, opt, torch):
+    """torch.optim.AdamW with the run's hyper-parameters (what DDP and FSDP2 rows train with)."""
+    return torch.optim.AdamW(params, lr=opt["lr"], betas=tuple(opt["betas"]), eps=opt["eps"],
+                             weight_decay=opt["weight_decay"])
+
+
+def _plain_step(module, optimizer, clip, torch, autocast_bf16=False):
+    """A plain PyTorch training step: forward (optionally under bf16 autocast), backward,
+    clip by the global norm, optimizer step, gradients to None."""
     def step(batch):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = ddp(batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_bf16):
+            loss = module(batch)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ddp.parameters(), opt["clip"])
+        torch.nn.utils.clip_grad_norm_(module.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -155,17 +164,8 @@ def setup_fsdp2(spec, model, torch):
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     opt = spec["optim"]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=opt["lr"], betas=tuple(opt["betas"]),
-                                  eps=opt["eps"], weight_decay=opt["weight_decay"])
-
-    def step(batch):
-        loss = model(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt["clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-    return step
+    optimizer = _adamw(model.parameters(), opt, torch)
+    return _plain_step(model, optimizer, opt["clip"], torch)
 
 
 def run(spec, setup, torch) -> dict:

@@ -43,6 +43,7 @@ class Engine(torch.nn.Module):
         self.device = get_accelerator().device(self.local_rank if get_accelerator().device_name() != "cpu" else None)
         self.global_steps = self.global_samples = self.skipped_steps = self.micro_steps = 0
         self._in_no_sync = False
+        self._no_sync_noted = False  # the stage 2/3 no_sync note is logged once
         self._boundary_override = None
 
         model_dtype = torch.float16 if config.fp16_enabled else torch.bfloat16 if config.bf16_enabled else torch.float32
@@ -206,7 +207,7 @@ class Engine(torch.nn.Module):
         backward: the result is the same, only the communication is not saved (DeepSpeed
         refuses ``no_sync`` at these stages instead).
         """
-        if self._config.zero_stage >= 2 and not getattr(self, "_no_sync_noted", False):
+        if self._config.zero_stage >= 2 and not self._no_sync_noted:
             self._no_sync_noted = True
             logger.info(f"engine.no_sync() at ZeRO stage {self._config.zero_stage}: gradients are partitioned, so they "
                         "are still reduce-scattered on every backward (same result, no communication saved)")

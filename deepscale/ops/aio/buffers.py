@@ -13,13 +13,18 @@ from deepscale.ops.aio.config import ALIGNMENT
 _libc = None
 
 
-def _mlock(tensor):
-    """Lock the pages of ``tensor`` in RAM; returns False where the OS refuses (RLIMIT_MEMLOCK)."""
+def _c_library():
+    """The C library (loaded on first use)."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    return _libc
+
+
+def _mlock(tensor):
+    """Lock the pages of ``tensor`` in RAM; returns False where the OS refuses (RLIMIT_MEMLOCK)."""
     nbytes = tensor.numel() * tensor.element_size()
-    return nbytes == 0 or _libc.mlock(ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(nbytes)) == 0
+    return nbytes == 0 or _c_library().mlock(ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(nbytes)) == 0
 
 
 _HUGE_PAGE = 2 * 1024 * 1024
@@ -28,11 +33,8 @@ _MADV_HUGEPAGE = 14  # linux/mman.h
 
 def _advise_huge_pages(tensor):
     """Ask for transparent huge pages for ``tensor``'s (untouched, aligned) memory; best effort."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     nbytes = tensor.numel() * tensor.element_size()
-    _libc.madvise(ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
+    _c_library().madvise(ctypes.c_void_p(tensor.data_ptr()), ctypes.c_size_t(nbytes), _MADV_HUGEPAGE)
 
 
 def is_aligned(tensor, alignment=ALIGNMENT):

@@ -38,17 +38,14 @@ class _Done:
 
 
 class _OwnerWork:
-    """The handles of per-owner broadcasts/reduces, and what to do once they all finished."""
+    """The handles of per-owner broadcasts/reduces, waited on together."""
 
-    def __init__(self, handles: List, finish: Optional[Callable[[], None]] = None):
-        self.handles, self.finish = handles, finish
+    def __init__(self, handles: List):
+        self.handles = handles
 
     def wait(self) -> bool:
         for handle in self.handles:
             handle.wait()
-        if self.finish is not None:
-            self.finish()
-            self.finish = None
         return True
 
     def is_completed(self) -> bool:

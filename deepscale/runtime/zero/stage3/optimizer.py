@@ -139,12 +139,15 @@ class Stage3Optimizer:
         self._masters: List[Optional[torch.Tensor]] = []
         self._master_grads: List[Optional[torch.Tensor]] = []
         self._slots: Dict[int, tuple] = {}  # id(param) -> (param group index, offset, length)
+        # Masters follow the parameter-group layout, so a group's pieces are one range of a
+        # master and an fp32 model's shards can live in the master (_share_fp32_shards).
+        position = {id(p): (g.index, i) for g in self.groups for i, p in enumerate(g.params)}
         for index, params in enumerate(self.group_params):
             if not params:
                 self._masters.append(None)
                 self._master_grads.append(None)
                 continue
-            params = self._in_group_order(params)
+            params = sorted(params, key=lambda p: position.get(id(p), (len(self.groups), 0)))
             master = torch.nn.Parameter(torch.cat([fp32_shards[id(p)] for p in params]))
             self._masters.append(master)
             self._master_grads.append(torch.zeros_like(master.detach()))
@@ -165,12 +168,6 @@ class Stage3Optimizer:
             plan = [(self._master_grads[self._slots[id(p)][0]][self._slots[id(p)][1]:][:c], off, c)
                     for p, off, c in zip(g.params, g.offsets, g.chunks) if id(p) in self._slots]
             self._accumulate_plan[g.index] = plan
-
-    def _in_group_order(self, params: List[torch.nn.Parameter]) -> List[torch.nn.Parameter]:
-        # Masters follow the parameter-group layout, so a group's pieces are one range of a
-        # master and an fp32 model's shards can live in the master (_share_fp32_shards).
-        position = {id(p): (g.index, i) for g in self.groups for i, p in enumerate(g.params)}
-        return sorted(params, key=lambda p: position.get(id(p), (len(self.groups), 0)))
 
     def _share_fp32_shards(self) -> None:
         """An fp32 model's shards equal its masters: let each group whose pieces are one range of

@@ -6,8 +6,8 @@ of ``shard_flat`` returns ``world_size`` rows of ``S`` elements, rank-major; par
 with shard offset ``o`` and shard length ``c`` is the column block ``[:, o:o+c]`` of those rows,
 read row by row. A one-parameter group's rows are the padded parameter itself, so it is gathered
 straight into the full buffer; otherwise each parameter's column block is copied out into its
-own padded region of the full buffer (one copy per parameter). Gradients travel the opposite way: each gradient is
-copied into its column block of a rank-major buffer, one reduce-scatter sums the rows and
+own padded region of the full buffer (one copy per parameter). Gradients travel the opposite
+way: each gradient is copied into its column block of a rank-major buffer, one reduce-scatter sums the rows and
 leaves this rank's ``S`` elements, aligned with ``shard_flat``. This is the same split PyTorch
 FSDP2 uses (``foreach_all_gather`` copy-out, ``foreach_reduce`` copy-in).
 
@@ -85,7 +85,7 @@ class ParamGroup:
         self._staging: Optional[ReleasableBuffer] = None
         self._reduce_input: Optional[ReleasableBuffer] = None
         self._reduce_output: Optional[ReleasableBuffer] = None
-        self._reduce_busy, self._reduce_owner = False, None
+        self._reduce_owner = None  # the ``flat`` of the reduce using the two buffers above
         self.held_for_backward = False  # stays gathered until the backward ends (see hooks.py)
         modules, shown = _short_list(module_names), _short_list(names)
         self.gather_info = CollectiveInfo("all_gather", index, modules, shown, self.shard_numel)
@@ -213,8 +213,12 @@ class ParamGroup:
         work, output = self.runner.reduce_scatter(
             flat, self.reduce_info, lambda: self._reduce_buffer("_reduce_output", self.shard_numel, comm_dtype, busy))
         if not busy:
-            self._reduce_busy, self._reduce_owner = True, flat
+            self._reduce_owner = flat
         return work, output, flat
+
+    @property
+    def _reduce_busy(self) -> bool:
+        return self._reduce_owner is not None
 
     def _reduce_buffer(self, attr: str, numel: int, dtype: torch.dtype, busy: bool) -> torch.Tensor:
         # A second reduce of this group while the first is in flight (reentrant activation
@@ -234,7 +238,7 @@ class ParamGroup:
         for buffer in (self._reduce_input, self._reduce_output):
             if buffer is not None:
                 buffer.release()
-        self._reduce_busy, self._reduce_owner = False, None
+        self._reduce_owner = None
 
 
 def _copy_into_rows(rows: torch.Tensor, grad: torch.Tensor, offset: int, chunk: int) -> None:
