@@ -26,6 +26,8 @@ from deepscale.runtime.zero.stage3.optimizer import Stage3Optimizer, stage3_opti
 from deepscale.utils.logging import logger
 
 _COUNTER_NAMES = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+# The engine-built loader's position travels in the client area under this reserved key.
+_LOADER_STATE_KEY = "__deepscale_training_dataloader__"
 
 
 class Engine(torch.nn.Module):
@@ -286,6 +288,8 @@ class Engine(torch.nn.Module):
             logger.warning("save_checkpoint inside a gradient accumulation window: gradients accumulated so far "
                            "are not saved")
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
+        if self.training_dataloader is not None:
+            client_state = {**(client_state or {}), _LOADER_STATE_KEY: self.training_dataloader.state_dict()}
         # ZeRO-3: every rank helps gather the module weights that rank 0 writes whole.
         with getattr(self._train_opt, "module_state_context", contextlib.nullcontext)():
             save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest)
@@ -308,6 +312,9 @@ class Engine(torch.nn.Module):
         for name in _COUNTER_NAMES:
             if name in counters:
                 setattr(self, name, int(counters[name]))
+        loader_state = client_state.pop(_LOADER_STATE_KEY, None) if isinstance(client_state, dict) else None
+        if loader_state is not None and self.training_dataloader is not None and not load_module_only:
+            self.training_dataloader.load_state_dict(loader_state)
         # Resume on an accumulation boundary even if gradient_accumulation_steps changed.
         self.micro_steps = self.global_steps * self.gradient_accumulation_steps()
         self.zero_grad()
