@@ -23,6 +23,8 @@ import torch
 
 from deepscale import comm as dist
 from deepscale.runtime.checkpoint.atomic import AtomicCheckpointDir, read_latest_tag, resolve_tag_dir
+from deepscale.runtime.checkpoint.deepspeed_format import (has_model_states, is_deepspeed_checkpoint,
+                                                           load_ds_file, read_deepspeed_checkpoint)
 from deepscale.runtime.utils import get_rng_states, set_rng_states
 from deepscale.utils.logging import logger
 from deepscale.version import __version__
@@ -118,7 +120,7 @@ def resolve_checkpoint(load_dir: str, tag: Optional[str]) -> Optional[str]:
                            "pass tag= to load a specific checkpoint")
             return None
     path = resolve_tag_dir(load_dir, str(tag))
-    if path is None or not os.path.isfile(os.path.join(path, MODEL_STATES_FILE)):
+    if path is None or not (os.path.isfile(os.path.join(path, MODEL_STATES_FILE)) or has_model_states(path)):
         logger.warning(f"no checkpoint to load: {os.path.join(load_dir, str(tag))} is missing or incomplete")
         return None
     return path
@@ -128,7 +130,7 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
                            load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                            load_module_only: bool = False) -> Tuple[dict, dict]:
     """Restore ``state`` from the tag directory ``path``; returns ``(counters, client_state)``."""
-    saved = torch.load(os.path.join(path, MODEL_STATES_FILE), map_location="cpu", weights_only=False)
+    saved, ds_shards = _read_model_states(path)
     state.module.load_state_dict(saved["module"], strict=load_module_strict)
     if load_module_only:
         _reseed_masters(state, saved["module"])
@@ -139,7 +141,8 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
                              f"{saved.get('format_version', 1)}); this version reads format "
                              f"{CHECKPOINT_FORMAT_VERSION}")
         if saved.get("num_optimizer_shards", 0) > 0 and state.optimizer.basic_optimizer is not None:
-            state.optimizer.load_shards(iter_optimizer_shards(path, saved["num_optimizer_shards"]),
+            shards = ds_shards() if ds_shards else iter_optimizer_shards(path, saved["num_optimizer_shards"])
+            state.optimizer.load_shards(shards,
                                         load_optimizer_states=load_optimizer_states)
         else:
             _reseed_masters(state, saved["module"])
@@ -147,6 +150,18 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
         state.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     _load_rng(path, saved.get("dp_world_size"))
     return saved.get("counters", {}), saved.get("client_state", {})
+
+
+def _read_model_states(path: str):
+    """deepscale's model states of ``path`` and, for a DeepSpeed checkpoint, its shard reader."""
+    model_states_file = os.path.join(path, MODEL_STATES_FILE)
+    # DeepSpeed pickles some of its own classes; this load tolerates them without DeepSpeed.
+    saved = load_ds_file(model_states_file) if os.path.isfile(model_states_file) else None
+    if saved is None or is_deepspeed_checkpoint(path, saved):
+        if dist.get_rank() == 0:
+            logger.info(f"{path} was written by DeepSpeed: converting it to deepscale's portable layout")
+        return read_deepspeed_checkpoint(path, saved)
+    return saved, None
 
 
 def _reseed_masters(state: EngineState, module_sd: dict) -> None:
