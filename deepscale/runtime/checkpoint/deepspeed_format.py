@@ -44,6 +44,7 @@ DS_ZERO3_MODEL_STATES_GLOB = "zero_pp_rank_*_mp_rank_00_model_states.pt"
 DS_OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 UNIVERSAL_DIR = "zero"
 UNIVERSAL_OPTIM_FILE = "optimizer_state.pt"
+LATEST_UNIVERSAL_FILE = "latest_universal"
 _ELEMENTWISE_KEYS_SKIP = ("fp32", "step")
 
 
@@ -341,6 +342,15 @@ def _universal_shards(tag_dir: str, param_shapes: List[dict]) -> Iterator[dict]:
             fragments[name] = _fragment(fp32.shape, 0, fp32.reshape(-1), states)
     yield _shard(_as_int(common.get("zero_stage", 0)), fragments, scalars, _group_hypers(groups, names),
                  _loss_scaler_state(common.get("loss_scaler")))
+
+
+def read_latest_universal_tag(load_dir: str) -> Optional[str]:
+    """The tag named by DeepSpeed's ``latest_universal`` file, or None when there is none."""
+    path = os.path.join(load_dir, LATEST_UNIVERSAL_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return handle.read().strip() or None
 
 
 def is_universal(tag_dir: str) -> bool:

@@ -24,7 +24,8 @@ import torch
 from deepscale import comm as dist
 from deepscale.runtime.checkpoint.atomic import AtomicCheckpointDir, read_latest_tag, resolve_tag_dir
 from deepscale.runtime.checkpoint.deepspeed_format import (has_model_states, is_deepspeed_checkpoint,
-                                                           load_ds_file, read_deepspeed_checkpoint)
+                                                           load_ds_file, read_deepspeed_checkpoint,
+                                                           read_latest_universal_tag)
 from deepscale.runtime.utils import get_rng_states, set_rng_states
 from deepscale.utils.logging import logger
 from deepscale.version import __version__
@@ -114,7 +115,7 @@ def _model_states(state: EngineState, client_state: Optional[dict]) -> dict:
 def resolve_checkpoint(load_dir: str, tag: Optional[str]) -> Optional[str]:
     """The directory to load, or None (with a warning) when there is no checkpoint."""
     if tag is None:
-        tag = read_latest_tag(load_dir)
+        tag = read_latest_tag(load_dir) or read_latest_universal_tag(load_dir)
         if tag is None:
             logger.warning(f"no checkpoint to load: {os.path.join(load_dir, 'latest')} does not exist; "
                            "pass tag= to load a specific checkpoint")

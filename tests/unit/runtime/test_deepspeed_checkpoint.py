@@ -72,7 +72,8 @@ def _check(cases, results, rank, world_size):
         assert restored["last_batch_iteration"] == STEPS_BEFORE_SAVE - 1
         assert restored["lr"] == pytest.approx(saved["lr_at_save"], abs=1e-12)
         want = _deepspeed_losses(ds_stage, rank, world_size)
-        assert losses == pytest.approx(want, abs=TOL, rel=0), f"{fixture} -> deepscale stage {stage}, {world_size} ranks"
+        where = f"{fixture} -> deepscale stage {stage}, {world_size} ranks"
+        assert losses == pytest.approx(want, abs=TOL, rel=0), where
 
 
 def test_fixtures_were_written_by_deepspeed_0_19_8():
@@ -104,7 +105,8 @@ def test_reader_agrees_across_layouts():
         for shard in shards():
             for name, entry in shard["fragments"].items():
                 for key, value in [("fp32", entry["fp32"]), *entry["state"].items()]:
-                    target = out.setdefault((name, key), torch.full((torch.Size(entry["shape"]).numel(),), float("nan")))
+                    numel = torch.Size(entry["shape"]).numel()
+                    target = out.setdefault((name, key), torch.full((numel,), float("nan")))
                     target[entry["start"]:entry["start"] + value.numel()] = value
         return model_states, out
 
