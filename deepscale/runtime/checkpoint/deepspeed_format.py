@@ -416,6 +416,10 @@ def read_deepspeed_checkpoint(tag_dir: str, model_states: Optional[dict] = None
     if not files:
         raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states ({DS_MODEL_STATES_FILE} or "
                                 f"{DS_ZERO3_MODEL_STATES_GLOB})")
+    if not is_universal(tag_dir) and glob.glob(os.path.join(tag_dir, "*mp_rank_01*")):
+        raise ValueError(f"{tag_dir} was saved with tensor or pipeline model parallelism (mp_rank_01 files); "
+                         "deepscale reads DeepSpeed checkpoints of data-parallel runs only. Convert it with "
+                         "DeepSpeed's ds_to_universal first")
     ms = model_states if model_states is not None else load_ds_file(files[0])
     param_shapes = [dict(group) for group in (ms.get("param_shapes") or [])]
     optim_files = _optim_files(tag_dir)

@@ -141,3 +141,13 @@ def test_unreadable_stage0_optimizer_names_the_way_out(tmp_path):
     _, shards = read_deepspeed_checkpoint(str(tmp_path / "t"))
     with pytest.raises(ValueError, match="load_optimizer_states=False"):
         next(shards())
+
+
+def test_model_parallel_checkpoints_are_refused(tmp_path):
+    import shutil
+    from deepscale.runtime.checkpoint.deepspeed_format import read_deepspeed_checkpoint
+    tag_dir = tmp_path / "t"
+    shutil.copytree(os.path.join(FIXTURES, "stage1", EXPECTED["tag"]), tag_dir)
+    shutil.copy(tag_dir / "mp_rank_00_model_states.pt", tag_dir / "mp_rank_01_model_states.pt")
+    with pytest.raises(ValueError, match="model parallelism"):
+        read_deepspeed_checkpoint(str(tag_dir))
