@@ -26,6 +26,7 @@ from typing import Dict, Optional
 
 import torch
 
+from deepscale.runtime.checkpoint.deepspeed_format import NOT_HYPERPARAMETERS
 from deepscale.utils.zero_to_fp32 import MODEL_STATES_FILE, iter_optimizer_shards, resolve_tag_dir
 
 DEEPSPEED_LAYOUT_VERSION = "0.19.8"  # the DeepSpeed release whose layout is written
@@ -110,7 +111,7 @@ def export_to_deepspeed_universal(checkpoint_dir: str, output_dir: str, tag: Opt
         step = steps[group_of[name]] if group_of[name] < len(steps) else None
         if step is not None:
             _write_atomically(torch.as_tensor(step, dtype=torch.float32), os.path.join(folder, "step.pt"))
-    hypers = [{**{k: v for k, v in group.items() if k != "names"}, "params": [index]}
+    hypers = [{**{k: v for k, v in group.items() if k != "names" and k not in NOT_HYPERPARAMETERS}, "params": [index]}
               for index, group in enumerate(groups)]
     common = {"ds_version": DEEPSPEED_LAYOUT_VERSION, "zero_stage": int(saved.get("zero_stage", 0)),
               "param_groups": hypers, "partition_count": int(saved.get("dp_world_size") or 1),

@@ -45,7 +45,10 @@ DS_OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_s
 UNIVERSAL_DIR = "zero"
 UNIVERSAL_OPTIM_FILE = "optimizer_state.pt"
 LATEST_UNIVERSAL_FILE = "latest_universal"
-_ELEMENTWISE_KEYS_SKIP = ("fp32", "step")
+_UNIVERSAL_NON_STATE_FILES = ("fp32", "step")  # zero/<name>/*.pt that are not elementwise optimizer state
+# Param-group entries that are not training state: the loading optimizer's own implementation
+# choices (torch's fused/foreach paths) and step counters, which travel as optimizer state.
+NOT_HYPERPARAMETERS = ("params", "step", "foreach", "fused", "capturable", "differentiable")
 
 
 class _DeepSpeedStandIn:
@@ -134,8 +137,13 @@ def _group_hypers(param_groups: List[dict], names: List[List[str]]) -> List[dict
     if len(param_groups) != len(names):
         raise ValueError(f"DeepSpeed checkpoint: {len(param_groups)} optimizer param groups but parameter names for "
                          f"{len(names)}")
-    return [{**{k: v for k, v in group.items() if k != "params"}, "names": list(group_names)}
+    return [{**{k: v for k, v in group.items() if k not in NOT_HYPERPARAMETERS}, "names": list(group_names)}
             for group, group_names in zip(param_groups, names)]
+
+
+def _step_tensor(value) -> torch.Tensor:
+    # torch optimizers keep ``step`` as a float32 tensor; DeepSpeed's FusedAdam keeps an int.
+    return torch.tensor(float(value), dtype=torch.float32)
 
 
 def _group_scalars(torch_state: dict, num_groups: int, index_of_group: Callable[[int], int]) -> List[dict]:
@@ -144,7 +152,11 @@ def _group_scalars(torch_state: dict, num_groups: int, index_of_group: Callable[
         group = index_of_group(int(index))
         for key, value in entry.items():
             if not (torch.is_tensor(value) and value.dim() > 0) and key not in scalars[group]:
-                scalars[group][key] = value.detach().clone() if torch.is_tensor(value) else value
+                scalars[group][key] = _step_tensor(value) if key == "step" else \
+                    value.detach().clone() if torch.is_tensor(value) else value
+    for group, hyper in zip(scalars, torch_state.get("param_groups", [])):
+        if "step" not in group and hyper.get("step"):  # optimizers that count steps per group
+            group["step"] = _step_tensor(hyper["step"])
     return scalars
 
 
@@ -336,9 +348,9 @@ def _universal_shards(tag_dir: str, param_shapes: List[dict]) -> Iterator[dict]:
             fp32 = _universal_tensor(os.path.join(folder, "fp32.pt")).detach()
             states = {os.path.splitext(f)[0]: _universal_tensor(os.path.join(folder, f)).reshape(-1)
                       for f in sorted(os.listdir(folder))
-                      if f.endswith(".pt") and os.path.splitext(f)[0] not in _ELEMENTWISE_KEYS_SKIP}
+                      if f.endswith(".pt") and os.path.splitext(f)[0] not in _UNIVERSAL_NON_STATE_FILES}
             if os.path.isfile(os.path.join(folder, "step.pt")) and "step" not in scalars[group]:
-                scalars[group]["step"] = _universal_tensor(os.path.join(folder, "step.pt")).detach().clone()
+                scalars[group]["step"] = _step_tensor(_universal_tensor(os.path.join(folder, "step.pt")))
             fragments[name] = _fragment(fp32.shape, 0, fp32.reshape(-1), states)
     yield _shard(_as_int(common.get("zero_stage", 0)), fragments, scalars, _group_hypers(groups, names),
                  _loss_scaler_state(common.get("loss_scaler")))
