@@ -18,7 +18,8 @@ from dist_harness import run_distributed
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, os.pardir, "fixtures",
                         "deepspeed_ckpt")
 sys.path.insert(0, FIXTURES)
-from fixture_model import STEPS_AFTER_SAVE, STEPS_BEFORE_SAVE, ds_config, make_model, rank_batch  # noqa: E402
+from fixture_model import (STEPS_AFTER_SAVE, STEPS_BEFORE_SAVE, bf16_fused_adam_config, ds_config,  # noqa: E402
+                           make_model, rank_batch)
 
 TOL = 1e-6  # fp32
 with open(os.path.join(FIXTURES, "expected.json")) as _handle:
@@ -30,11 +31,11 @@ SAME_STAGE = [("stage0", 0, 0), ("stage1", 1, 1), ("stage2", 2, 2), ("stage3", 3
 OTHER_STAGE = [("stage1", 1, 3), ("stage3", 3, 2), ("stage2_universal", 2, 0)]
 
 
-def _continue_from(fixture: str, stage: int, world_size: int):
+def _continue_from(fixture: str, stage: int, world_size: int, config_fn=ds_config):
     import torch.distributed as dist
     import deepscale
     rank = dist.get_rank()
-    engine = deepscale.initialize(model=make_model(), config=ds_config(stage, world_size))[0]
+    engine = deepscale.initialize(model=make_model(), config=config_fn(stage, world_size))[0]
     path, client = engine.load_checkpoint(os.path.join(FIXTURES, fixture))
     restored = {"path": os.path.basename(path), "client": client, "global_steps": engine.global_steps,
                 "global_samples": engine.global_samples, "lr": engine.get_lr(),
@@ -92,6 +93,20 @@ def test_same_world_size_continues_like_deepspeed():
 def test_other_world_size_continues_like_deepspeed():
     cases = [("stage0", 0, 0), ("stage1", 1, 1), ("stage2", 2, 2), ("stage3", 3, 3), ("stage3_universal", 3, 1)]
     _check(cases, run_distributed(_run_all, 1, args=(cases, 1))[0], 0, 1)
+
+
+def _bf16_run(world_size):
+    return _continue_from("stage2_bf16", 2, world_size, bf16_fused_adam_config)
+
+
+def test_bf16_with_deepspeed_adam_continues_like_deepspeed():
+    """bf16 and DeepSpeed's own Adam (FusedAdam): files named bf16_zero_pp_rank_*, bf16 module
+    weights, FusedAdam hyperparameters. deepscale computes the loss in bf16 where DeepSpeed's
+    fp32 buffer promotes it to fp32, so losses agree to bf16 resolution (2**-8 relative)."""
+    expected = EXPECTED["variants"]["stage2_bf16"]
+    for rank, (restored, losses) in enumerate(run_distributed(_bf16_run, 2, args=(2,))):
+        assert restored["global_steps"] == 3 and restored["lr"] == pytest.approx(expected[0]["lr_at_save"])
+        assert losses == pytest.approx(expected[rank]["losses_after_save"], rel=1e-2, abs=0)
 
 
 def test_reader_agrees_across_layouts():
