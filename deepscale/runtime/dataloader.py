@@ -3,7 +3,7 @@
 Note: exact resume. The loader's position is part of the engine checkpoint: the epoch, and how
 many batches of that epoch were handed out. Shuffling is a pure function of ``seed + epoch``
 (``DistributedSampler``), and the DataLoader draws its worker base seed from its own generator,
-seeded the same way, instead of from the global torch RNG, so starting a pass never disturbs the
+seeded from the seed, epoch and rank, instead of from the global torch RNG, so starting a pass never disturbs the
 RNG a checkpoint restores (dropout would otherwise diverge after a resume). After
 :meth:`DeepScaleDataLoader.load_state_dict`, the next ``iter()`` continues the saved epoch at
 the next unseen batch by skipping sampler indices, without reading the skipped samples.
@@ -65,6 +65,7 @@ class DeepScaleDataLoader:
         self.dataset = dataset
         self.batch_size = batch_size
         self.dp_world_size = dp_world_size
+        self.dp_rank = dp_rank
         self.seed = seed
         self.epoch = -1
         self.batches_yielded = 0  # of the current epoch
@@ -90,8 +91,9 @@ class DeepScaleDataLoader:
         if self.sampler is not None:
             self.sampler.set_epoch(self.epoch)
             self._skipping.skip = skip * self.batch_size
-        # Worker seeds come from this generator, never from the global RNG (see the module Note).
-        self._generator.manual_seed(self.seed + self.epoch)
+        # Worker seeds come from this generator, never from the global RNG (see the module Note);
+        # they differ between epochs and between ranks, so random augmentations do too.
+        self._generator.manual_seed(hash((self.seed, self.epoch, self.dp_rank)) & 0x7FFF_FFFF_FFFF_FFFF)
         return self._batches(skip)
 
     def _batches(self, skip: int):

@@ -298,7 +298,11 @@ class Engine(torch.nn.Module):
     def load_checkpoint(self, load_dir: str, tag=None, load_module_strict: bool = True,
                         load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                         load_module_only: bool = False, custom_load_fn=None):
-        """Restore a checkpoint; returns ``(load_path, client_state)`` or ``(None, None)`` if none exists."""
+        """Restore a checkpoint; returns ``(load_path, client_state)`` or ``(None, None)`` if none exists.
+
+        Reads deepscale checkpoints and DeepSpeed's (ZeRO 0-3 and universal, see docs/checkpoints.md),
+        saved at any world size and stage. The engine-built data loader resumes where it stopped.
+        """
         if custom_load_fn is not None:
             raise ValueError("load_checkpoint: custom_load_fn is not supported by deepscale; load the module "
                              "state yourself from the returned path instead")

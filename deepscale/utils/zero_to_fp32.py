@@ -95,6 +95,9 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: Optional[
     """
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
     model_states = _load(os.path.join(tag_dir, MODEL_STATES_FILE))
+    if "ds_version" in model_states and "format_version" not in model_states:
+        raise ValueError(f"{tag_dir} was written by DeepSpeed: load it into a deepscale engine "
+                         "(engine.load_checkpoint) and save it again, or use DeepSpeed's own zero_to_fp32")
     module = model_states["module"]
     fp32: Dict[str, torch.Tensor] = {}
     trained = _fill_from_shards(tag_dir, int(model_states.get("num_optimizer_shards", 0)), fp32)

@@ -106,3 +106,24 @@ def test_position_converts_to_another_data_parallel_size():
     loader.load_state_dict({"epoch": 0, "batches_yielded": 4, "batch_size": 2, "dp_world_size": 2, "seed": 0})
     assert loader.state_dict()["batches_yielded"] == 8  # 16 samples consumed globally
     assert len(list(loader)) == 20 - 8
+
+
+class _WorkerSeed(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.initial_seed()  # the worker's seed: what random augmentations draw from
+
+
+def _worker_seeds(rank, epoch):
+    from deepscale.runtime.dataloader import DeepScaleDataLoader
+    loader = DeepScaleDataLoader(_WorkerSeed(), batch_size=1, dp_rank=rank, dp_world_size=2, num_workers=1)
+    loader.set_epoch(epoch)
+    return {int(batch) for batch in loader}
+
+
+def test_worker_seeds_are_reproducible_and_differ_by_rank_and_epoch():
+    assert _worker_seeds(0, 0) == _worker_seeds(0, 0)
+    assert _worker_seeds(0, 0) != _worker_seeds(1, 0)
+    assert _worker_seeds(0, 0) != _worker_seeds(0, 1)

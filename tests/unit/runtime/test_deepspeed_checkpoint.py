@@ -166,3 +166,9 @@ def test_model_parallel_checkpoints_are_refused(tmp_path):
     shutil.copy(tag_dir / "mp_rank_00_model_states.pt", tag_dir / "mp_rank_01_model_states.pt")
     with pytest.raises(ValueError, match="model parallelism"):
         read_deepspeed_checkpoint(str(tag_dir))
+
+
+def test_deepscale_zero_to_fp32_names_the_way_for_deepspeed_checkpoints():
+    from deepscale.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with pytest.raises(ValueError, match="written by DeepSpeed"):
+        get_fp32_state_dict_from_zero_checkpoint(os.path.join(FIXTURES, "stage2_bf16"))
