@@ -209,14 +209,27 @@ def _base_state(osd: dict) -> dict:
 
 
 # --- stage 0: the torch optimizer state lives in the model-states file ------------------------
+def _distinct_parameter_names(module_state: dict, buffers: set) -> List[str]:
+    """Parameter names in ``model.parameters()`` order: a tied weight appears in the state dict
+    under every name but is one parameter (the first name), as ``parameters()`` yields it once."""
+    seen, names = set(), []
+    for name, tensor in module_state.items():
+        if name in buffers:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            names.append(name)
+    return names
+
+
 def _stage0_shards(ms: dict) -> Iterator[dict]:
     torch_state = ms.get("optimizer")
     if not isinstance(torch_state, dict) or "param_groups" not in torch_state or "state" not in torch_state:
         raise ValueError("DeepSpeed checkpoint without ZeRO: its 'optimizer' entry is not a torch optimizer state "
                          "(fp16 or bf16 training at stage 0 is not readable by deepscale); load it with "
                          "load_optimizer_states=False to take the weights only")
-    buffers = set(ms.get("buffer_names") or ())
-    param_names = [name for name in ms["module"] if name not in buffers]
+    param_names = _distinct_parameter_names(ms["module"], set(ms.get("buffer_names") or ()))
     groups = torch_state["param_groups"]
     fragments, names = {}, []
     for group in groups:
@@ -227,8 +240,11 @@ def _stage0_shards(ms: dict) -> Iterator[dict]:
                                  "optimizers over model.parameters() in order can be mapped to names")
             name = param_names[index]
             weight = ms["module"][name]
-            fragments[name] = _fragment(weight.shape, 0, weight.reshape(-1),
-                                        _elementwise(torch_state["state"].get(index, {}), weight))
+            states = _elementwise(torch_state["state"].get(index, {}), weight)
+            if any(value.numel() != weight.numel() for value in states.values()):
+                raise ValueError(f"DeepSpeed checkpoint: the optimizer state of parameter {index} does not match the "
+                                 f"shape of {name!r}; only optimizers over model.parameters() in order can be mapped")
+            fragments[name] = _fragment(weight.shape, 0, weight.reshape(-1), states)
             names[-1].append(name)
     yield _shard(0, fragments, _group_scalars(torch_state, len(groups), _group_of_index(groups)),
                  _group_hypers(groups, names), None)

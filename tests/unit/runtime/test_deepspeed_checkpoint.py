@@ -172,3 +172,31 @@ def test_deepscale_zero_to_fp32_names_the_way_for_deepspeed_checkpoints():
     from deepscale.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     with pytest.raises(ValueError, match="written by DeepSpeed"):
         get_fp32_state_dict_from_zero_checkpoint(os.path.join(FIXTURES, "stage2_bf16"))
+
+
+def test_stage0_tied_weights_map_optimizer_indices_like_parameters(tmp_path):
+    """A tied weight is listed twice in the module state but is one optimizer parameter."""
+    from deepscale.runtime.checkpoint.deepspeed_format import read_deepspeed_checkpoint
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 3)
+            self.mid = torch.nn.Linear(3, 3)
+            self.head = torch.nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    optimizer = torch.optim.AdamW(model.parameters())
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.step()
+    os.makedirs(tmp_path / "t")
+    torch.save({"module": model.state_dict(), "optimizer": optimizer.state_dict(), "buffer_names": [],
+                "ds_version": "0.19.8", "global_steps": 1, "skipped_steps": 0},
+               str(tmp_path / "t" / "mp_rank_00_model_states.pt"))
+    _, shards = read_deepspeed_checkpoint(str(tmp_path / "t"))
+    shard = next(shards())
+    assert shard["param_groups"][0]["names"] == ["embed.weight", "mid.weight", "mid.bias"]
+    for name, param in model.named_parameters():
+        assert torch.equal(shard["fragments"][name]["state"]["exp_avg"], optimizer.state[param]["exp_avg"].view(-1))
