@@ -38,14 +38,10 @@ MUTATIONS = (
         name="ckpt-latest-before-publish",
         bug_class="`latest` written before the checkpoint directory is published",
         path="deepscale/runtime/checkpoint/atomic.py",
-        old=("        os.rename(self.staging_path, self.final_path)\n"
-             "        _fsync_dir(self.save_dir)\n"
-             "        if update_latest:\n"
-             "            write_latest_tag(self.save_dir, self.tag)\n"),
+        old="        try:\n            os.rename(self.staging_path, self.final_path)\n",
         new=("        if update_latest:\n"
              "            write_latest_tag(self.save_dir, self.tag)\n"
-             "        os.rename(self.staging_path, self.final_path)\n"
-             "        _fsync_dir(self.save_dir)\n"),
+             "        try:\n            os.rename(self.staging_path, self.final_path)\n"),
         tests=(f"{_ROBUST}::test_latest_never_names_an_unpublished_directory",
                "tests/unit/runtime/test_checkpoint.py::test_killed_save_leaves_previous_checkpoint_loadable"),
     ),

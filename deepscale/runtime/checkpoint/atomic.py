@@ -152,7 +152,12 @@ class AtomicCheckpointDir:
         if os.path.exists(self.final_path):
             aside = os.path.join(self.save_dir, f"{_OLD_PREFIX}{self.tag}-{uuid.uuid4().hex[:8]}")
             os.rename(self.final_path, aside)
-        os.rename(self.staging_path, self.final_path)
+        try:
+            os.rename(self.staging_path, self.final_path)
+        except BaseException:
+            if aside is not None:  # put the previous copy of the tag back under its name
+                os.rename(aside, self.final_path)
+            raise
         _fsync_dir(self.save_dir)
         if update_latest:
             write_latest_tag(self.save_dir, self.tag)

@@ -257,16 +257,19 @@ def test_latest_never_names_an_unpublished_directory(tmp_path, monkeypatch):
     assert seen == [("second", True)]
 
     def failing_publish(src, dst):  # the staging directory cannot be renamed to its tag
-        if os.path.basename(dst) == "third":
+        if os.path.basename(dst) in ("third", "first") and ".tmp-" in src:
             raise OSError(errno.EIO, "injected failure publishing", dst)
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", failing_publish)
     with pytest.raises(CheckpointSaveError, match="publishing the checkpoint"):
         engine.save_checkpoint(ckpt, tag="third")
+    with pytest.raises(CheckpointSaveError, match="publishing the checkpoint"):
+        engine.save_checkpoint(ckpt, tag="first")  # an overwrite: the old "first" must come back
     monkeypatch.undo()
     assert atomic.read_latest_tag(ckpt) == "second"
     assert seen == [("second", True)]
+    assert sorted(os.listdir(ckpt)) == ["first", "latest", "second"]
     engine.destroy()
     resumed = _engine(1, seed=7)
     assert resumed.load_checkpoint(ckpt)[0] == os.path.join(ckpt, "second")
