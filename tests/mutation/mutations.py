@@ -98,6 +98,15 @@ MUTATIONS = (
                "tests/unit/ops/test_cpu_optimizer_numerics.py::test_thread_count_does_not_change_results"),
     ),
     Mutation(
+        name="cpu-optim-vector-overruns-tile",
+        bug_class="the SIMD body runs past the tile end (the next tile's first elements updated twice)",
+        path="csrc/cpu_optim/optim_driver.h",
+        old="for (; i + kWidth <= n; i += kWidth) {",
+        new="for (; i < n; i += kWidth) {",
+        tests=("tests/unit/ops/test_cpu_optimizer_tiles.py",
+               "tests/unit/ops/test_cpu_optimizer_numerics.py::test_fp32_params_match_float64_reference"),
+    ),
+    Mutation(
         name="aio-noncontiguous-read-dropped",
         bug_class="async reads into non-contiguous tensors never copied back",
         path="deepscale/ops/aio/handle.py",

@@ -74,6 +74,8 @@ def verdict(outcome: dict) -> str:
         return "MISSED" if counts.get("passed", 0) else "not run (all skipped)"
     if rc == 1:
         return "caught"
+    if rc is not None and rc < 0:  # pytest itself died (a kernel wrote out of bounds)
+        return f"caught (crash, signal {-rc})"
     return f"error (pytest exit {rc})"
 
 

@@ -47,6 +47,7 @@ def test_apply_replaces_once_and_reports_moved_or_ambiguous_snippets(tmp_path):
     (dict(timed_out=False, returncode=0, counts={"passed": 3}), "MISSED"),
     (dict(timed_out=False, returncode=0, counts={"skipped": 3}), "not run (all skipped)"),
     (dict(timed_out=False, returncode=4, counts={}), "error (pytest exit 4)"),
+    (dict(timed_out=False, returncode=-11, counts={}), "caught (crash, signal 11)"),
 ])
 def test_verdicts(outcome, expected):
     assert script.verdict(outcome) == expected
