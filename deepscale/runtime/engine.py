@@ -279,6 +279,8 @@ class Engine(torch.nn.Module):
 
         The write is atomic: a crash leaves the previous checkpoint intact and ``latest``
         pointing at it. ``client_state`` (a dict) comes back from :meth:`load_checkpoint`.
+        If any rank fails to write its files (a full disk, an exception), every rank raises
+        ``CheckpointSaveError`` naming the failed ranks and nothing is published.
         """
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"save_checkpoint: client_state must be a dict, got {type(client_state).__name__}")

@@ -24,10 +24,20 @@ LATEST_FILE = "latest"
 
 
 def _load(path: str):
+    # This file imports nothing from deepscale (see above), so it names damaged files itself.
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # files not in the zip format cannot be memory-mapped
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, OSError):  # files not in the zip format cannot be memory-mapped (or are damaged)
+        pass
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (FileNotFoundError, ModuleNotFoundError, AttributeError):
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint file {path} is truncated or corrupt ({os.path.getsize(path)} bytes): "
+                           f"{type(exc).__name__}: {exc}") from exc
 
 
 def iter_optimizer_shards(tag_dir: str, num_shards: int) -> Iterator[dict]:
