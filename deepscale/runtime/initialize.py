@@ -29,10 +29,21 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     Returns:
         ``(engine, optimizer, training_dataloader, lr_scheduler)``; the loader and scheduler
         are None when not requested.
+
+    Raises:
+        InitializeArgumentError: no model, the model passed positionally (where ``args``
+            goes), no config or two configs. It derives from both ``ValueError`` and
+            ``AssertionError``, because DeepSpeed asserts these and its callers catch that.
+        TypeError: ``model`` is not a ``torch.nn.Module``.
     """
-    if model is None:
-        raise ValueError("deepscale.initialize: model is required (pass model=your_nn_module)")
     import torch
+    from deepscale.config.errors import InitializeArgumentError
+    if model is None and isinstance(args, torch.nn.Module):
+        raise InitializeArgumentError(
+            f"deepscale.initialize: a {type(args).__name__} was passed as the first positional argument, which is "
+            "'args' (the argparse namespace); pass the model by keyword: initialize(model=..., ...)")
+    if model is None:
+        raise InitializeArgumentError("deepscale.initialize: model is required (pass model=your_nn_module)")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"deepscale.initialize: model must be a torch.nn.Module, got {type(model).__name__}")
     if mesh_param is not None:
