@@ -3,7 +3,10 @@
 Layout of one tag directory:
   ``mp_rank_00_model_states.pt``  module weights, lr schedule, step counters, config, client
                                   state and the number of optimizer shards (written by rank 0;
-                                  module weights are whole on every rank at stages 0-2)
+                                  module weights are whole on every rank at stages 0-2). With
+                                  ``exclude_frozen_parameters`` the frozen parameters are left
+                                  out and listed in ``excluded_frozen_param_names``; loading
+                                  keeps the model's own values for them.
   ``zero_pp_rank_{R}_mp_rank_00_optim_states.pt``
                                   optimizer shard R: fp32 masters and optimizer state of the
                                   parameter fragments rank R held, keyed by parameter name
@@ -27,7 +30,8 @@ from deepscale.runtime.utils import get_rng_states, set_rng_states
 from deepscale.utils.logging import logger
 from deepscale.version import __version__
 
-from deepscale.utils.zero_to_fp32 import MODEL_STATES_FILE, OPTIM_FILE_FORMAT, iter_optimizer_shards
+from deepscale.utils.zero_to_fp32 import (MODEL_STATES_FILE, OPTIM_FILE_FORMAT, iter_optimizer_shards,
+                                          load_module_weights)
 
 RNG_FILE_FORMAT = "rng_states_rank{rank}.pt"
 CHECKPOINT_FORMAT_VERSION = 2
@@ -55,8 +59,12 @@ def _agree_on_staging_id() -> str:
 
 
 def save_engine_checkpoint(state: EngineState, save_dir: str, tag: str, client_state: Optional[dict],
-                           save_latest: bool = True) -> str:
-    """Write ``state`` under ``save_dir/tag`` atomically on every rank; returns the final path."""
+                           save_latest: bool = True, exclude_frozen_parameters: bool = False) -> str:
+    """Write ``state`` under ``save_dir/tag`` atomically on every rank; returns the final path.
+
+    ``exclude_frozen_parameters`` leaves parameters with ``requires_grad=False`` out of the
+    saved module weights (default False).
+    """
     rank = dist.get_rank()
     target = AtomicCheckpointDir(save_dir, str(tag), _agree_on_staging_id())
     if rank == 0:
@@ -66,7 +74,8 @@ def save_engine_checkpoint(state: EngineState, save_dir: str, tag: str, client_s
         torch.save(get_rng_states(), os.path.join(target.staging_path, RNG_FILE_FORMAT.format(rank=rank)))
         _save_optimizer_shard(state, target.staging_path, rank)
         if rank == 0:
-            torch.save(_model_states(state, client_state), os.path.join(target.staging_path, MODEL_STATES_FILE))
+            torch.save(_model_states(state, client_state, exclude_frozen_parameters),
+                       os.path.join(target.staging_path, MODEL_STATES_FILE))
     except BaseException:
         if rank == 0:
             target.abort()
@@ -93,12 +102,18 @@ def _save_optimizer_shard(state: EngineState, staging_path: str, rank: int) -> N
     torch.save(state.optimizer.state_dict(), os.path.join(staging_path, OPTIM_FILE_FORMAT.format(rank=shard_rank)))
 
 
-def _model_states(state: EngineState, client_state: Optional[dict]) -> dict:
+def _model_states(state: EngineState, client_state: Optional[dict], exclude_frozen_parameters: bool = False) -> dict:
+    module_state = state.module.state_dict()
+    frozen = [n for n, p in state.module.named_parameters() if not p.requires_grad]
+    if exclude_frozen_parameters:
+        for name in frozen:
+            module_state.pop(name, None)
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "deepscale_version": __version__,
-        "module": state.module.state_dict(),
-        "frozen_param_names": [n for n, p in state.module.named_parameters() if not p.requires_grad],
+        "module": module_state,
+        "frozen_param_names": frozen,
+        "excluded_frozen_param_names": frozen if exclude_frozen_parameters else [],
         "num_optimizer_shards": _num_shards(state),
         "lr_scheduler": state.lr_scheduler.state_dict() if state.lr_scheduler is not None else None,
         "counters": dict(state.counters),
@@ -129,7 +144,8 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
                            load_module_only: bool = False) -> Tuple[dict, dict]:
     """Restore ``state`` from the tag directory ``path``; returns ``(counters, client_state)``."""
     saved = torch.load(os.path.join(path, MODEL_STATES_FILE), map_location="cpu", weights_only=False)
-    state.module.load_state_dict(saved["module"], strict=load_module_strict)
+    load_module_weights(state.module, saved["module"], saved, load_module_strict, where=path,
+                        strict_name="load_module_strict")
     if load_module_only:
         _reseed_masters(state, saved["module"])
         return {}, saved.get("client_state", {})
