@@ -24,7 +24,7 @@ class _Records(logging.Handler):
 
 @pytest.fixture
 def warnings_seen():
-    # The package logger does not propagate to the root logger, so caplog would miss it.
+    # Attached to the package logger itself, so it sees records whatever the root logger does.
     handler = _Records()
     logger.addHandler(handler)
     yield handler.messages

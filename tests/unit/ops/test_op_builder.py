@@ -118,6 +118,8 @@ def test_two_processes_building_concurrently_both_succeed(tmp_path):
         assert "RESULT 42" in r.stdout
     # The lock makes exactly one of them build; the other loads the finished build.
     assert sum("built op 'tiny_concurrent'" in r.stdout for r in results) == 1
+    # The builder says it is building (a first build can take minutes), then how long it took.
+    assert sum("building op 'tiny_concurrent'" in r.stdout for r in results) == 1
 
 
 def test_failed_build_shows_the_compiler_error(tmp_path, monkeypatch):
