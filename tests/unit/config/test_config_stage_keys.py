@@ -77,3 +77,19 @@ def test_doc_statuses_follow_the_no_effect_table(monkeypatch):
                                                        if r not in features.ZERO_KEYS_IGNORED])
     assert key_status("zero_optimization.zero_quantized_weights") == (
         "supported at ZeRO stages 1-3; at stage 0 accepted, warns: no effect")
+
+
+def test_every_extension_key_is_described_in_the_docs():
+    import pathlib
+    from deepscale.config.config import DeepScaleConfig as Top
+    from deepscale.config.errors import nested_model
+    from deepscale.config.reference import EXTENSION_KEYS
+    document = (pathlib.Path(__file__).resolve().parents[3] / "docs" / "config.md").read_text(encoding="utf-8")
+    section = document[document.index("## deepscale extensions"):document.index("## Status of each key")]
+    for path in EXTENSION_KEYS:
+        *parents, name = path.split(".")
+        model = Top
+        for part in parents:
+            model = nested_model(model.model_fields[part].annotation)
+        spelled = ".".join(parents + [model.model_fields[name].alias or name])
+        assert f"`{spelled}`" in section, path

@@ -52,3 +52,10 @@ def test_args_naming_two_different_files_is_caught_as_assertion_error(tmp_path):
 def test_a_non_module_model_stays_a_type_error():
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         deepscale.initialize(model=torch.zeros(2), config=base_config())
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_without_an_optimizer_is_caught_as_assertion_error(stage):
+    cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage}}
+    with pytest.raises(AssertionError, match=f"zero_optimization.stage={stage} .* needs an optimizer"):
+        deepscale.initialize(model=make_model(), config=cfg)
