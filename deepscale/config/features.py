@@ -8,10 +8,13 @@ that do not exist here yet. Two tables decide what happens:
   run never silently trains without something it asked for.
 * ``TUNING_ONLY_KEYS``: keys that only tune a missing feature (or are
   DeepSpeed leftovers with no effect). They are accepted with one warning per
-  key the user actually wrote.
+  key the user actually wrote. ``ZERO_KEYS_IGNORED`` (part of it) lists the
+  ``zero_optimization`` keys each ZeRO stage does not read.
 
-When a feature lands, edit these tables (for ZeRO, ``AVAILABLE_ZERO_STAGES``)
-in the same change.
+``docs/config.md`` is generated from these tables (``reference.py``), so a
+statement there about what is available cannot drift from what the code
+checks. When a feature lands, edit these tables (for ZeRO,
+``AVAILABLE_ZERO_STAGES``) in the same change and regenerate the page.
 """
 import json
 import logging
