@@ -32,8 +32,14 @@ def warnings_seen():
 
 @pytest.fixture
 def no_io_uring(monkeypatch, request):
-    """Make the kernel probe report io_uring as refused (a reason unique to the test)."""
+    """Make the kernel probe report io_uring as refused (a reason unique to the test).
+
+    The liburing header is reported present, so the probe decides on machines without
+    liburing-dev too (nothing is compiled: the op is refused before a build)."""
     reason = f"the kernel refuses io_uring (test {request.node.name})"
+    real_find_header = async_io_uring.find_header
+    monkeypatch.setattr(async_io_uring, "find_header",
+                        lambda name: f"/usr/include/{name}" if name == "liburing.h" else real_find_header(name))
     monkeypatch.setattr(async_io_uring, "probe_io_uring", lambda: reason)
     monkeypatch.delenv("DEEPSCALE_AIO_BACKEND", raising=False)
     return reason
