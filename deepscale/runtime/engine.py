@@ -281,6 +281,8 @@ class Engine(torch.nn.Module):
         pointing at it. ``client_state`` (a dict) comes back from :meth:`load_checkpoint`.
         If any rank fails to write its files (a full disk, an exception), every rank raises
         ``CheckpointSaveError`` naming the failed ranks and nothing is published.
+        ``exclude_frozen_parameters`` leaves parameters with ``requires_grad=False`` out of the
+        saved module weights; loading such a checkpoint keeps the model's own frozen weights.
         """
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"save_checkpoint: client_state must be a dict, got {type(client_state).__name__}")
@@ -290,7 +292,8 @@ class Engine(torch.nn.Module):
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
         # ZeRO-3: every rank helps gather the module weights that rank 0 writes whole.
         with getattr(self._train_opt, "module_state_context", contextlib.nullcontext)():
-            save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest)
+            save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest,
+                                   exclude_frozen_parameters=exclude_frozen_parameters)
         return True
 
     def load_checkpoint(self, load_dir: str, tag=None, load_module_strict: bool = True,

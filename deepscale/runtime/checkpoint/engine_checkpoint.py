@@ -3,7 +3,10 @@
 Layout of one tag directory:
   ``mp_rank_00_model_states.pt``  module weights, lr schedule, step counters, config, client
                                   state and the number of optimizer shards (written by rank 0;
-                                  module weights are whole on every rank at stages 0-2)
+                                  module weights are whole on every rank at stages 0-2). With
+                                  ``exclude_frozen_parameters`` the frozen parameters are left
+                                  out and listed in ``excluded_frozen_param_names``; loading
+                                  keeps the model's own values for them.
   ``zero_pp_rank_{R}_mp_rank_00_optim_states.pt``
                                   optimizer shard R: fp32 masters and optimizer state of the
                                   parameter fragments rank R held, keyed by parameter name
@@ -29,7 +32,8 @@ from deepscale.utils.checkpoint_files import load_file, save_file
 from deepscale.utils.logging import logger
 from deepscale.version import __version__
 
-from deepscale.utils.zero_to_fp32 import MODEL_STATES_FILE, OPTIM_FILE_FORMAT, iter_optimizer_shards
+from deepscale.utils.zero_to_fp32 import (MODEL_STATES_FILE, OPTIM_FILE_FORMAT, iter_optimizer_shards,
+                                          load_module_weights)
 
 RNG_FILE_FORMAT = "rng_states_rank{rank}.pt"
 CHECKPOINT_FORMAT_VERSION = 2
@@ -96,11 +100,13 @@ def _raise_if_failed(failures: Dict[int, str], what: str, target: AtomicCheckpoi
 
 
 def save_engine_checkpoint(state: EngineState, save_dir: str, tag: str, client_state: Optional[dict],
-                           save_latest: bool = True) -> str:
+                           save_latest: bool = True, exclude_frozen_parameters: bool = False) -> str:
     """Write ``state`` under ``save_dir/tag`` atomically on every rank; returns the final path.
 
     Every rank writes its files into a staging directory; the ranks then agree that all
     writes succeeded before rank 0 publishes the directory and moves ``latest``.
+    ``exclude_frozen_parameters`` leaves parameters with ``requires_grad=False`` out of the
+    saved module weights (default False).
 
     Raises:
         CheckpointSaveError: on every rank when any rank failed (names the ranks and errors).
@@ -117,7 +123,7 @@ def save_engine_checkpoint(state: EngineState, save_dir: str, tag: str, client_s
     try:
         # Built on every rank before any file is written: building may run collectives (a
         # sharded optimizer's state), which must not be skipped by a rank whose write failed.
-        payloads = _payloads(state, client_state, rank)
+        payloads = _payloads(state, client_state, rank, exclude_frozen_parameters)
         for name, obj in payloads.items():
             save_file(obj, os.path.join(target.staging_path, name))
     except Exception as exc:
@@ -133,14 +139,15 @@ def save_engine_checkpoint(state: EngineState, save_dir: str, tag: str, client_s
     return target.final_path
 
 
-def _payloads(state: EngineState, client_state: Optional[dict], rank: int) -> Dict[str, Any]:
+def _payloads(state: EngineState, client_state: Optional[dict], rank: int,
+              exclude_frozen_parameters: bool = False) -> Dict[str, Any]:
     """File name -> object for the files this rank writes."""
     payloads = {RNG_FILE_FORMAT.format(rank=rank): get_rng_states()}
     shard = _optimizer_shard(state, rank)
     if shard is not None:
         payloads[shard[0]] = shard[1]
     if rank == 0:
-        payloads[MODEL_STATES_FILE] = _model_states(state, client_state)
+        payloads[MODEL_STATES_FILE] = _model_states(state, client_state, exclude_frozen_parameters)
     return payloads
 
 
@@ -158,12 +165,18 @@ def _optimizer_shard(state: EngineState, rank: int) -> Optional[Tuple[str, dict]
     return OPTIM_FILE_FORMAT.format(rank=shard_rank), state.optimizer.state_dict()
 
 
-def _model_states(state: EngineState, client_state: Optional[dict]) -> dict:
+def _model_states(state: EngineState, client_state: Optional[dict], exclude_frozen_parameters: bool = False) -> dict:
+    module_state = state.module.state_dict()
+    frozen = [n for n, p in state.module.named_parameters() if not p.requires_grad]
+    if exclude_frozen_parameters:
+        for name in frozen:
+            module_state.pop(name, None)
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "deepscale_version": __version__,
-        "module": state.module.state_dict(),
-        "frozen_param_names": [n for n, p in state.module.named_parameters() if not p.requires_grad],
+        "module": module_state,
+        "frozen_param_names": frozen,
+        "excluded_frozen_param_names": frozen if exclude_frozen_parameters else [],
         "num_optimizer_shards": _num_shards(state),
         "lr_scheduler": state.lr_scheduler.state_dict() if state.lr_scheduler is not None else None,
         "counters": dict(state.counters),
@@ -196,7 +209,8 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
                            load_module_only: bool = False) -> Tuple[dict, dict]:
     """Restore ``state`` from the tag directory ``path``; returns ``(counters, client_state)``."""
     saved = load_file(os.path.join(path, MODEL_STATES_FILE))
-    state.module.load_state_dict(saved["module"], strict=load_module_strict)
+    load_module_weights(state.module, saved["module"], saved, load_module_strict, where=path,
+                        strict_name="load_module_strict")
     if load_module_only:
         _reseed_masters(state, saved["module"])
         return {}, saved.get("client_state", {})
