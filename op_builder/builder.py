@@ -308,6 +308,9 @@ class OpBuilder:
 
     def _build(self, build_dir, verbose):
         from deepscale.utils.logging import logger
+        # A first build takes from seconds to minutes; say so, or a run looks hung.
+        logger.info(f"building op '{self.NAME}' (first use with this torch and these sources; the build is cached "
+                    f"in {build_dir}) ...")
         start = time.time()
         try:
             module_name, path = self._torch_build(build_dir, verbose)
@@ -315,12 +318,12 @@ class OpBuilder:
         except (RuntimeError, OSError, ImportError) as exc:
             text = compiler_error_text(str(exc))
             # `from None`: the compiler's message is the useful part, not torch's frames.
-            raise OpBuildError(f"building op '{self.NAME}' failed:\n{text}") from None
+            raise OpBuildError(f"building op '{self.NAME}' failed after {time.time() - start:.1f}s:\n{text}") from None
         marker = {"module": module_name, "path": str(path), "built_at": time.time()}
         tmp = build_dir / "built.json.tmp"
         tmp.write_text(json.dumps(marker))
         os.replace(tmp, build_dir / "built.json")
-        logger.info(f"built op '{self.NAME}' in {time.time() - start:.1f}s ({build_dir})")
+        logger.info(f"built op '{self.NAME}' in {time.time() - start:.1f}s")
         return module
 
     def _torch_build(self, build_dir, verbose):

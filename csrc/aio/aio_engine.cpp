@@ -218,8 +218,11 @@ int64_t Engine::submit(bool is_read, int64_t buffer, int64_t nbytes, const std::
     }
     if (r->fd < 0) return -static_cast<int64_t>(errno);
     struct stat st;
-    r->original_size = fstat(r->fd, &st) == 0 ? st.st_size : 0;
-    if (!is_read && nbytes > 0) {
+    const bool have_stat = fstat(r->fd, &st) == 0;
+    r->original_size = have_stat ? st.st_size : 0;
+    // Only a regular file has blocks to reserve (a device such as /dev/full refuses fallocate
+    // with ENODEV); elsewhere the writes themselves report any error, at wait().
+    if (!is_read && nbytes > 0 && have_stat && S_ISREG(st.st_mode)) {
         // Reserve the blocks first: O_DIRECT writes past the end of a file are serialised
         // (each one extends it), writes inside it run with the full queue depth. Running out
         // of space is reported here, before any data moves.

@@ -11,7 +11,7 @@ This package imports nothing from the rest of deepscale except
 """
 from deepscale.config.batch import resolve_batch_sizes
 from deepscale.config.config import DeepScaleConfig
-from deepscale.config.errors import FeatureNotAvailableError
+from deepscale.config.errors import FeatureNotAvailableError, InitializeArgumentError
 from deepscale.config.features import AVAILABLE_ZERO_STAGES, check_feature_availability
 from deepscale.config.loader import load_config_dict
 
@@ -19,6 +19,7 @@ __all__ = [
     "AVAILABLE_ZERO_STAGES",
     "DeepScaleConfig",
     "FeatureNotAvailableError",
+    "InitializeArgumentError",
     "check_feature_availability",
     "load_config_dict",
     "resolve_batch_sizes",

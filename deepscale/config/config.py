@@ -20,6 +20,7 @@ from deepscale.config.fields import Bool, DtypeName, Float, Int
 from deepscale.config.loader import describe_source, load_config_dict
 from deepscale.config.monitors import CometConfig, CSVConfig, TensorBoardConfig, WandbConfig
 from deepscale.config.optim import OptimizerConfig, SchedulerConfig
+from deepscale.config.params import auto_placeholder_message, find_auto_placeholders
 from deepscale.config.parallelism import HybridEngineConfig, PipelineConfig, TensorParallelConfig
 from deepscale.config.precision import AmpConfig, BF16Config, DataTypesConfig, FP16Config, TorchAutocastConfig
 from deepscale.config.profiling import CommsLoggerConfig, FlopsProfilerConfig, TimersConfig
@@ -51,7 +52,8 @@ class DeepScaleConfig(ConfigSection):
     wall_clock_breakdown: Bool = False
     memory_breakdown: Bool = False
     dump_state: Bool = False
-    gradient_clipping: Float = Field(0.0, ge=0.0)
+    # DeepSpeed 0.19.8 clips at a global norm of 1.0 unless told otherwise (0 disables).
+    gradient_clipping: Float = Field(1.0, ge=0.0)
     prescale_gradients: Bool = False
     gradient_predivide_factor: Float = Field(1.0, gt=0.0)
     sparse_gradients: Bool = False
@@ -132,6 +134,9 @@ class DeepScaleConfig(ConfigSection):
         problems = find_unknown_keys(cls, data)
         if problems:
             raise ValueError("\n".join(problems))
+        placeholders = find_auto_placeholders(cls, data)
+        if placeholders:
+            raise ValueError(auto_placeholder_message(placeholders))
         try:
             cfg = cls.model_validate(data)
         except ValidationError as err:

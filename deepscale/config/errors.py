@@ -25,6 +25,15 @@ class FeatureNotAvailableError(ValueError):
     """A config enables a feature that this version of deepscale does not have yet."""
 
 
+class InitializeArgumentError(ValueError, AssertionError):
+    """A wrong combination of arguments to ``deepscale.initialize`` (no model, no config, two configs).
+
+    DeepSpeed checks these with ``assert``, so code written for it catches
+    ``AssertionError``; deriving from both keeps that contract while staying a
+    ``ValueError`` with a full message, which ``python -O`` cannot strip.
+    """
+
+
 def join_path(path: Sequence[str]) -> str:
     """``("zero_optimization", "stage")`` -> ``"zero_optimization.stage"``."""
     return ".".join(str(p) for p in path)
@@ -143,7 +152,15 @@ def _user_path(loc: Sequence[Any], data: Any, aliases: Dict[str, str], missing: 
 
 
 _JSON_TYPE_NAMES = {bool: "boolean", int: "integer", float: "number", str: "string",
-                    list: "list", dict: "object", type(None): "null"}
+                    list: "list", tuple: "list", dict: "object", type(None): "null"}
+
+AUTO_HINT = ("'auto' is a placeholder that integrations such as the Hugging Face Trainer replace before the "
+             "config reaches the engine; give a concrete value.")
+
+
+def json_type_name(value: Any) -> str:
+    """The JSON name of ``value``'s type (``"string"``, ``"number"``, ...), for messages."""
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 _EXPECTED = {
     "model_type": "an object (a JSON dict)",
@@ -153,8 +170,8 @@ _EXPECTED = {
     "int_type": "an integer",
     "int_parsing": "an integer",
     "int_from_float": "an integer",
-    "bool_type": "a boolean (true or false)",
-    "bool_parsing": "a boolean (true or false)",
+    "bool_type": "a boolean (true or false, or 0/1)",
+    "bool_parsing": "a boolean (true or false, or 0/1)",
     "float_type": "a number",
     "float_parsing": "a number",
     "string_type": "a string",
@@ -186,12 +203,10 @@ def _one_error(error: Dict[str, Any], data: Any, aliases: Dict[str, str]) -> str
         reason = error["msg"].replace("Value error, ", "", 1)
         return f"Invalid config in '{path or 'top level'}': {reason}"
     value = error.get("input")
-    type_name = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
-    msg = (f"Invalid value for config key '{path or 'top level'}': got {value!r} ({type_name}); "
+    msg = (f"Invalid value for config key '{path or 'top level'}': got {value!r} ({json_type_name(value)}); "
            f"expected {_expected(error)}.")
     if value == "auto":
-        msg += (" 'auto' is a placeholder that integrations such as the Hugging Face Trainer "
-                "replace before the config reaches the engine; give a concrete value.")
+        msg += " " + AUTO_HINT
     return msg
 
 

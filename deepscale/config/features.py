@@ -8,20 +8,24 @@ that do not exist here yet. Two tables decide what happens:
   run never silently trains without something it asked for.
 * ``TUNING_ONLY_KEYS``: keys that only tune a missing feature (or are
   DeepSpeed leftovers with no effect). They are accepted with one warning per
-  key the user actually wrote.
+  key the user actually wrote. ``ZERO_KEYS_IGNORED`` (part of it) lists the
+  ``zero_optimization`` keys each ZeRO stage does not read.
 
-When a feature lands, edit these tables (for ZeRO, ``AVAILABLE_ZERO_STAGES``)
-in the same change.
+``docs/config.md`` is generated from these tables (``reference.py``), so a
+statement there about what is available cannot drift from what the code
+checks. When a feature lands, edit these tables (for ZeRO,
+``AVAILABLE_ZERO_STAGES``) in the same change and regenerate the page.
 """
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, FrozenSet, List, Optional, Tuple, Union
 
 from pydantic import BaseModel
 
 from deepscale.config.compression import COMPRESSION_TECHNIQUES
 from deepscale.config.errors import FeatureNotAvailableError
+from deepscale.config.zero import ZeroConfig
 from deepscale.utils.logging import log_dist
 
 AVAILABLE_ZERO_STAGES = {0, 1, 2, 3}
@@ -34,20 +38,29 @@ class UnavailableFeature:
     Attributes:
         key: dotted attribute path on ``DeepScaleConfig`` (field names; dict keys also work).
         enabled: predicate on the value found at ``key``.
-        feature: what is missing, e.g. ``"ZeRO stage 3"``.
-        hint: how to run without it.
+        feature: what is missing, e.g. ``"ZeRO-Offload of parameters"``, or a function of the value.
+        hint: how to run without it (text, or a function of the value).
         label: key path shown to the user when it differs from ``key``. Default None.
         scope: dotted path of the settings that only matter once the feature
             exists (documented as "parsed only"). Default: the parent section
             for ``*.enabled`` keys, otherwise ``key`` itself.
+        values: example values of the key; the generated docs say which of them
+            are supported and which are refused, by asking ``enabled``. Default ``()``.
+        applies: predicate on the whole config; the rule is checked only where it
+            holds (e.g. only at ZeRO stage 3). Default always.
+        when: what ``applies`` means, for messages and docs, e.g.
+            ``"at zero_optimization.stage 3"``. Default ``""``.
     """
 
     key: str
     enabled: Callable[[Any], bool]
-    feature: str
-    hint: str
+    feature: Union[str, Callable[[Any], str]]
+    hint: Union[str, Callable[[Any], str]]
     label: Optional[str] = None
     scope: Optional[str] = None
+    values: Tuple[Any, ...] = ()
+    applies: Callable[[Any], bool] = lambda cfg: True
+    when: str = ""
 
     @property
     def scope_path(self) -> str:
@@ -81,27 +94,59 @@ def _section(key: str, feature: str) -> UnavailableFeature:
     return UnavailableFeature(key, _is_set, feature, f"remove the '{key}' section")
 
 
+def _zero_stage_unavailable(value) -> bool:
+    # Reads the table at call time, so marking a stage built is a one-line edit of it.
+    return isinstance(value, int) and value not in AVAILABLE_ZERO_STAGES
+
+
+def _use_available_stages(value) -> str:
+    stages = sorted(AVAILABLE_ZERO_STAGES)
+    listed = ", ".join(map(str, stages[:-1])) + f" or {stages[-1]}" if len(stages) > 1 else str(stages[0])
+    return f"use stage {listed}"
+
+
+def _at_zero_stage_3(cfg) -> bool:
+    return cfg.zero_optimization.stage == 3
+
+
+_ABOVE_ONE_VALUES = (1, 2, 4, 8)
+
 UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
-    UnavailableFeature("zero_optimization.stage", lambda v: v in (1, 2) and v not in AVAILABLE_ZERO_STAGES,
-                       "ZeRO stage 1-2", "use stage 0"),
-    UnavailableFeature("zero_optimization.stage", lambda v: v == 3 and v not in AVAILABLE_ZERO_STAGES,
-                       "ZeRO stage 3", "use stage 0"),
+    UnavailableFeature("zero_optimization.stage", _zero_stage_unavailable, lambda v: f"ZeRO stage {v}",
+                       _use_available_stages, values=(0, 1, 2, 3)),
     UnavailableFeature("zero_optimization.offload_optimizer.device", _offloaded, "ZeRO-Offload of optimizer states",
-                       "set it to 'none' or remove offload_optimizer", scope="zero_optimization.offload_optimizer"),
+                       "set it to 'none' or remove offload_optimizer", scope="zero_optimization.offload_optimizer",
+                       values=("none", "cpu", "nvme")),
     UnavailableFeature("zero_optimization.offload_param.device", _offloaded, "ZeRO-Offload of parameters",
-                       "set it to 'none' or remove offload_param", scope="zero_optimization.offload_param"),
+                       "set it to 'none' or remove offload_param", scope="zero_optimization.offload_param",
+                       values=("none", "cpu", "nvme")),
+    # Stage 3 reduce-scatters without the pre-division (the averaged gradient is the same), and it
+    # tolerates parameters that get no gradient; refusing beats silently doing something else.
+    UnavailableFeature("prescale_gradients", _on, "gradient pre-division in the ZeRO stage 3 reduce-scatter",
+                       "set prescale_gradients to false (the averaged gradients are the same) or use ZeRO stage 0-2",
+                       values=(False, True), applies=_at_zero_stage_3, when="at zero_optimization.stage 3",
+                       scope="prescale_gradients"),
+    UnavailableFeature("zero_optimization.ignore_unused_parameters", lambda v: v is False,
+                       "an unused-parameter check at ZeRO stage 3",
+                       "set it to true (stage 3 trains models whose parameters get no gradient) or use ZeRO stage 1-2",
+                       values=(True, False),
+                       applies=_at_zero_stage_3, when="at zero_optimization.stage 3",
+                       scope="zero_optimization.ignore_unused_parameters"),
     _section("zero_optimization.zenflow", "ZenFlow offloading"),
-    _off("fp16.fp16_master_weights_and_grads", "fp16 master weights (ZeRO stage 1-3)"),
-    _off("bf16.bf16_master_weights_and_grads", "bf16 master weights (ZeRO stage 1-3)"),
-    _off("bf16.bf16_optimizer_states", "bf16 optimizer states (ZeRO stage 1-3)"),
+    _off("fp16.fp16_master_weights_and_grads", "fp16 master weights and gradients (masters kept in fp16, not fp32)"),
+    _off("bf16.bf16_master_weights_and_grads", "bf16 master weights and gradients (masters kept in bf16, not fp32)"),
+    _off("bf16.bf16_optimizer_states", "bf16 optimizer states (optimizer state kept in bf16, not fp32)"),
     UnavailableFeature("amp.enabled", _on, "NVIDIA Apex AMP", "use fp16 or bf16 instead"),
     UnavailableFeature("torch_autocast.enabled", _on, "torch.autocast mixed precision", "use fp16 or bf16 instead"),
-    UnavailableFeature("pipeline.stages", _above_one, "pipeline parallelism", "use 1 or 'auto'"),
+    UnavailableFeature("pipeline.stages", _above_one, "pipeline parallelism", "use 1 or 'auto'",
+                       values=("auto", 1, 2, 4)),
     UnavailableFeature("tensor_parallel.autotp_size", _above_one, "automatic tensor parallelism (AutoTP)",
-                       "set it to 0"),
+                       "set it to 0", values=(0, 1, 2, 4)),
     UnavailableFeature("tensor_parallel.tensor_parallel.tp_size", _above_one, "tensor parallelism", "set it to 1",
-                       label="tensor_parallel.tp.tp_size", scope="tensor_parallel.tensor_parallel"),
-    UnavailableFeature("sequence_parallel_size", _above_one, "sequence parallelism (Ulysses)", "set it to 1"),
+                       label="tensor_parallel.tp.tp_size", scope="tensor_parallel.tensor_parallel",
+                       values=_ABOVE_ONE_VALUES),
+    UnavailableFeature("sequence_parallel_size", _above_one, "sequence parallelism (Ulysses)", "set it to 1",
+                       values=_ABOVE_ONE_VALUES),
     _off("hybrid_engine.enabled", "the hybrid engine"),
     _off("tensorboard.enabled", "the TensorBoard monitor"),
     _off("wandb.enabled", "the Weights & Biases monitor"),
@@ -136,21 +181,75 @@ class TuningOnlyKeys:
         reason: why the keys have no effect.
         keys: only these keys of the section; empty means every key. Default ``()``.
         except_keys: keys of the section that are not covered. Default ``()``.
-        applies: predicate on the config deciding whether the rule is active. Default always.
+        zero_stages: the rule holds only at these values of ``zero_optimization.stage``;
+            None means at every stage. Default None.
     """
 
     section: str
     reason: str
     keys: Tuple[str, ...] = ()
     except_keys: Tuple[str, ...] = ()
-    applies: Callable[[Any], bool] = lambda cfg: True
+    zero_stages: Optional[FrozenSet[int]] = None
+
+    def applies(self, cfg) -> bool:
+        """Whether the rule holds for ``cfg`` (its ZeRO stage)."""
+        return self.zero_stages is None or cfg.zero_optimization.stage in self.zero_stages
+
+    def covers(self, section: str, key: str) -> bool:
+        """Whether raw key ``key`` of ``section`` is one of this rule's keys."""
+        return (section == self.section and (not self.keys or key in self.keys)
+                and key not in self.except_keys)
+
+
+def _zero_keys(*names: str) -> Tuple[str, ...]:
+    """Field names of ``zero_optimization`` with their DeepSpeed spellings (``stage3_*``)."""
+    keys = []
+    for name in names:
+        field = ZeroConfig.model_fields[name]  # a typo here fails at import, not silently
+        keys.extend([name] + ([field.alias] if field.alias else []))
+    return tuple(keys)
+
+
+_STAGES_1_TO_3 = frozenset({1, 2, 3})
+
+# What each ZeRO stage above 0 reads from zero_optimization, as the inverse: keys written at a
+# stage that does not use them get one warning each. (Stage 0 uses only ``stage`` and
+# ``reduce_bucket_size``; the first TUNING_ONLY_KEYS rule covers it.) Keys whose behaviour is
+# always on here are not listed: ``contiguous_gradients`` (gradients always live in flat
+# buffers), ``elastic_checkpoint`` (checkpoints always reload at any world size),
+# ``load_from_fp32_weights`` (loading always restores the fp32 masters).
+ZERO_KEYS_IGNORED = [
+    TuningOnlyKeys("zero_optimization", "ZeRO++ (quantized weights and gradients, hierarchical partitioning) and "
+                   "MiCS are not built yet", zero_stages=_STAGES_1_TO_3,
+                   keys=_zero_keys("zero_quantized_weights", "zero_quantized_nontrainable_weights",
+                                   "zero_quantized_gradients", "zero_hpz_partition_size", "zeropp_loco_param",
+                                   "mics_shard_size", "mics_hierarchical_params_gather")),
+    TuningOnlyKeys("zero_optimization", "it applies to ZeRO stage 3 only", zero_stages=frozenset({1, 2}),
+                   keys=_zero_keys("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters",
+                                   "max_reuse_distance", "gather_16bit_weights_on_model_save",
+                                   "debug_sequence_check", "watchdog_timeout",
+                                   "stage3_gather_fp16_weights_on_model_save")),
+    TuningOnlyKeys("zero_optimization", "it applies to ZeRO stages 1-2 only (stage 3 gathers parameters by module "
+                   "and always overlaps its reduce-scatters with backward)", zero_stages=frozenset({3}),
+                   keys=_zero_keys("allgather_bucket_size", "allgather_partitions", "reduce_scatter",
+                                   "overlap_comm")),
+    TuningOnlyKeys("zero_optimization", "this ZeRO option is not implemented in this version",
+                   zero_stages=_STAGES_1_TO_3,
+                   keys=_zero_keys("sub_group_size", "round_robin_gradients", "use_multi_rank_bucket_allreduce",
+                                   "legacy_stage1", "model_persistence_threshold", "module_granularity_threshold",
+                                   "use_all_reduce_for_fetch_params", "allgather_sequential", "leaf_module",
+                                   "memory_efficient_linear", "pipeline_loading_checkpoint", "override_module_apply",
+                                   "log_trace_cache_warnings", "enable_sanity_checks",
+                                   "save_muon_momentum_buffer_in_memory")),
+]
 
 
 TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     # The data-parallel gradient reducer buckets by reduce_bucket_size at every stage.
     TuningOnlyKeys("zero_optimization", "it tunes ZeRO (stages 1-3; the stage3_* keys stage 3 only) and "
                    "zero_optimization.stage is 0",
-                   except_keys=("stage", "reduce_bucket_size"), applies=lambda cfg: cfg.zero_optimization.stage == 0),
+                   except_keys=("stage", "reduce_bucket_size"), zero_stages=frozenset({0})),
+    *ZERO_KEYS_IGNORED,
     TuningOnlyKeys("aio", "the engine uses it for NVMe offload, which is not built yet (deepscale.ops.aio handles "
                           "take these keys through AioConfig.from_dict)"),
     TuningOnlyKeys("activation_checkpointing", "deepscale.checkpointing (activation checkpointing) is not built yet"),
@@ -196,34 +295,41 @@ def _format_value(value: Any) -> str:
         return repr(value)
 
 
+def _text(text: Union[str, Callable[[Any], str]], value: Any) -> str:
+    return text(value) if callable(text) else text
+
+
+def refusal_message(rule: UnavailableFeature, value: Any) -> str:
+    """The error line for ``rule`` when its key holds ``value`` (also used for the docs' example)."""
+    label = rule.label or rule.key
+    subject = (f"the '{label}' section" if isinstance(value, (BaseModel, dict))
+               else f"{label}={_format_value(value)}")
+    when = f" {rule.when}" if rule.when else ""
+    return (f"{subject}{when} requires {_text(rule.feature, value)}, which is not available in this version of "
+            f"deepscale yet; {_text(rule.hint, value)}")
+
+
 def unavailable_feature_messages(cfg) -> List[str]:
     """One message per enabled feature that is not built yet."""
     messages = []
     for rule in UNAVAILABLE_FEATURES:
         value = _lookup(cfg, rule.key)
-        if not rule.enabled(value):
-            continue
-        label = rule.label or rule.key
-        subject = (f"the '{label}' section" if isinstance(value, (BaseModel, dict))
-                   else f"{label}={_format_value(value)}")
-        messages.append(f"{subject} requires {rule.feature}, which is not available in this version of "
-                        f"deepscale yet; {rule.hint}")
+        if rule.enabled(value) and rule.applies(cfg):
+            messages.append(refusal_message(rule, value))
     return messages
 
 
 def tuning_only_keys_set(cfg) -> List[Tuple[str, str]]:
-    """``(key path, reason)`` for every key the user set that has no effect yet."""
-    found = []
+    """``(key path, reason)`` for every key the user set that has no effect yet (first rule wins)."""
+    found = {}
     for rule in TUNING_ONLY_KEYS:
         section = _lookup(cfg.raw, rule.section) if rule.section else cfg.raw
         if not isinstance(section, dict) or not rule.applies(cfg):
             continue
         for key in section:
-            if (rule.keys and key not in rule.keys) or key in rule.except_keys:
-                continue
-            path = f"{rule.section}.{key}" if rule.section else key
-            found.append((path, rule.reason))
-    return found
+            if rule.covers(rule.section, key):
+                found.setdefault(f"{rule.section}.{key}" if rule.section else key, rule.reason)
+    return list(found.items())
 
 
 def check_feature_availability(cfg, warn: bool = True) -> List[str]:

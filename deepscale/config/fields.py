@@ -7,8 +7,11 @@ anything else instead of guessing:
   (``5e8`` is a common way to write bucket sizes); it rejects booleans, strings
   and fractions.
 * ``Float`` accepts any JSON number, but not booleans or strings.
-* ``Bool`` accepts only ``true``/``false``. A string such as ``"false"`` is
-  rejected because plain Python code would read it as truthy.
+* ``Bool`` accepts ``true``/``false`` and the integers ``0``/``1`` (DeepSpeed
+  reads its config with plain Python truthiness, so configs written as
+  ``"zero_allow_untested_optimizer": 1`` exist in the wild). Other integers,
+  and strings such as ``"false"`` (which plain Python would read as truthy),
+  are rejected.
 * ``Str`` accepts only strings.
 * ``choice(...)`` builds a string type with a fixed set of allowed values,
   matched case-insensitively and normalised to the canonical spelling.
@@ -55,7 +58,10 @@ def _as_float(value: Any) -> float:
 def _as_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    raise type_error("a boolean (true or false)")
+    # 0/1 only: 2 or 0.5 is more likely a value meant for another key than a switch.
+    if type(value) is int and value in (0, 1):
+        return bool(value)
+    raise type_error("a boolean (true or false, or 0/1)")
 
 
 def _as_str(value: Any) -> str:

@@ -4,17 +4,21 @@
 ``config`` (a dict or a JSON file path), as ``config_params`` (a dict, the
 older name), or through ``args.deepscale_config`` / ``args.deepspeed_config``
 (a JSON file path from the command line). Exactly one of them must be given.
-Files are strict JSON; duplicate keys are rejected because JSON parsers
-silently keep the last one.
+Files are JSON, or hjson (JSON with comments, unquoted keys and optional
+commas, which DeepSpeed also reads) when the optional ``hjson`` package is
+installed. Duplicate keys are rejected because JSON parsers silently keep the
+last one.
 """
 import copy
 import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
+from deepscale.config.errors import InitializeArgumentError
+
 _ARG_NAMES = ("deepscale_config", "deepspeed_config")
 
-_HOW_TO_PASS = ("pass config=<dict or path to a JSON file>, config_params=<dict>, or args with "
+_HOW_TO_PASS = ("pass config=<dict or path to a JSON/hjson file>, config_params=<dict>, or args with "
                 "args.deepscale_config (or args.deepspeed_config) set to a JSON file path")
 
 
@@ -34,16 +38,43 @@ def _error_context(text: str, lineno: int, colno: int) -> str:
     return f"\n    {lines[lineno - 1]}\n    {' ' * (colno - 1)}^"
 
 
+def _json_error(path: str, text: str, err: json.JSONDecodeError) -> str:
+    return (f"DeepScale config file '{path}' is not valid JSON: {err.msg} at line {err.lineno}, "
+            f"column {err.colno}{_error_context(text, err.lineno, err.colno)}")
+
+
+def _parse_hjson(path: str, text: str, json_err: json.JSONDecodeError) -> Any:
+    """Second try for a file that is not strict JSON: hjson, as DeepSpeed reads configs."""
+    try:
+        import hjson
+    except ImportError:
+        raise ValueError(f"{_json_error(path, text, json_err)}\nIf the file is hjson (JSON with comments or "
+                         "unquoted keys, which DeepSpeed accepts), install the hjson package: "
+                         "pip install hjson") from None
+    try:
+        return hjson.loads(text, object_pairs_hook=_reject_duplicates)
+    except hjson.HjsonDecodeError as err:
+        raise ValueError(f"DeepScale config file '{path}' is neither valid JSON nor valid hjson: {err.msg} at "
+                         f"line {err.lineno}, column {err.colno}"
+                         f"{_error_context(text, err.lineno, err.colno)}") from None
+    except ValueError as err:  # a duplicate key
+        raise ValueError(f"DeepScale config file '{path}' is not valid: {err}") from None
+
+
 def load_json_file(path) -> Dict[str, Any]:
-    """Read a JSON config file into a dict.
+    """Read a JSON (or hjson) config file into a dict.
+
+    Strict JSON is tried first; a file that is not valid JSON is read as hjson
+    when the ``hjson`` package is installed.
 
     Args:
         path: str or os.PathLike.
 
     Raises:
         FileNotFoundError: the file does not exist (the message shows the path).
-        ValueError: the file is not valid JSON (line and column shown), has a
-            duplicate key, or does not hold a JSON object.
+        ValueError: the file is neither valid JSON nor hjson (line and column
+            shown; the message says to ``pip install hjson`` when it is
+            missing), has a duplicate key, or does not hold an object.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -55,8 +86,7 @@ def load_json_file(path) -> Dict[str, Any]:
     try:
         data = json.loads(text, object_pairs_hook=_reject_duplicates)
     except json.JSONDecodeError as err:
-        raise ValueError(f"DeepScale config file '{path}' is not valid JSON: {err.msg} at line {err.lineno}, "
-                         f"column {err.colno}{_error_context(text, err.lineno, err.colno)}") from None
+        data = _parse_hjson(path, text, err)
     except ValueError as err:
         raise ValueError(f"DeepScale config file '{path}' is not valid: {err}") from None
     if not isinstance(data, dict):
@@ -69,7 +99,7 @@ def _args_path(args) -> Optional[Tuple[str, Any]]:
     """The (attribute name, path) given through ``args``, if any."""
     found = [(name, getattr(args, name)) for name in _ARG_NAMES if getattr(args, name, None) is not None]
     if len(found) == 2 and os.fspath(found[0][1]) != os.fspath(found[1][1]):
-        raise ValueError(f"args.deepscale_config ('{found[0][1]}') and args.deepspeed_config "
+        raise InitializeArgumentError(f"args.deepscale_config ('{found[0][1]}') and args.deepspeed_config "
                          f"('{found[1][1]}') name different files; set only one")
     return found[0] if found else None
 
@@ -99,16 +129,19 @@ def load_config_dict(config=None, config_params=None, args=None) -> Dict[str, An
         A new dict; the caller's dict is deep-copied, never modified.
 
     Raises:
-        ValueError: no source or more than one source is given, or a file is not valid JSON.
+        InitializeArgumentError: no source or more than one source is given (a
+            ``ValueError`` that is also an ``AssertionError``, as DeepSpeed asserts).
+        ValueError: a file is not valid JSON or hjson.
         TypeError: a source has the wrong type.
         FileNotFoundError: a config file does not exist.
     """
     sources = _given_sources(config, config_params, args)
     if not sources:
-        raise ValueError(f"No DeepScale config was given: {_HOW_TO_PASS}.")
+        raise InitializeArgumentError(f"No DeepScale config was given: {_HOW_TO_PASS}.")
     if len(sources) > 1:
         names = " and ".join(name for name, _ in sources)
-        raise ValueError(f"DeepScale config given twice ({names}); pass it through exactly one of them.")
+        raise InitializeArgumentError(f"DeepScale config given twice ({names}); pass it through exactly one of "
+                                      "them.")
     name, value = sources[0]
     from_args = name.startswith("args.")
     if isinstance(value, dict) and not from_args:

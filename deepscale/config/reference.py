@@ -6,13 +6,14 @@ and by the test that keeps those docs complete.
 import json
 import sys
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple, Type
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Type
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from deepscale.config.errors import nested_model
-from deepscale.config.features import TUNING_ONLY_KEYS, UNAVAILABLE_FEATURES
+from deepscale.config import features
+from deepscale.config.features import TuningOnlyKeys, UnavailableFeature, refusal_message
 
 SUPPORTED = "supported"
 EXTENSION = "supported (deepscale extension)"
@@ -21,19 +22,10 @@ REFUSED = "parsed; enabling it raises FeatureNotAvailableError"
 PARSED_ONLY = "parsed only (its feature is not available yet)"
 
 # Keys deepscale adds on top of DeepSpeed's schema.
-EXTENSION_KEYS = {"fp16.raise_error_at_min_scale"}
+EXTENSION_KEYS = {"fp16.raise_error_at_min_scale", "zero_optimization.debug_sequence_check",
+                  "zero_optimization.watchdog_timeout"}
 
-# Keys whose status depends on the value rather than on an on/off switch.
-_ABOVE_ONE_REFUSED = "1 supported; larger values raise FeatureNotAvailableError"
-STATUS_OVERRIDES = {
-    "zero_optimization.stage": "0 supported; 1-3 raise FeatureNotAvailableError",
-    "zero_optimization.offload_optimizer.device": "'none' supported; 'cpu'/'nvme' raise FeatureNotAvailableError",
-    "zero_optimization.offload_param.device": "'none' supported; 'cpu'/'nvme' raise FeatureNotAvailableError",
-    "pipeline.stages": "'auto' and 1 supported; larger values raise FeatureNotAvailableError",
-    "tensor_parallel.autotp_size": "0 and 1 supported; larger values raise FeatureNotAvailableError",
-    "tensor_parallel.tensor_parallel.tp_size": _ABOVE_ONE_REFUSED,
-    "sequence_parallel_size": _ABOVE_ONE_REFUSED,
-}
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -83,28 +75,86 @@ def iter_config_keys(model_cls: Type[BaseModel], prefix: Tuple[str, ...] = (),
             yield from iter_config_keys(sub_model, path, alias_path)
 
 
+def _show(value: Any) -> str:
+    return f"'{value}'" if isinstance(value, str) else json.dumps(value)
+
+
+def _list(values: Sequence[Any]) -> str:
+    shown = [_show(v) for v in values]
+    return shown[0] if len(shown) == 1 else ", ".join(shown[:-1]) + " and " + shown[-1]
+
+
+def _stages(stages: Sequence[int]) -> str:
+    """``[1, 2, 3]`` -> ``"stages 1-3"``; ``[0, 3]`` -> ``"stages 0, 3"``; ``[2]`` -> ``"stage 2"``."""
+    stages = sorted(stages)
+    if len(stages) == 1:
+        return f"stage {stages[0]}"
+    if stages == list(range(stages[0], stages[-1] + 1)):
+        return f"stages {stages[0]}-{stages[-1]}"
+    return "stages " + ", ".join(map(str, stages))
+
+
+def _refusal_status(rules: List[UnavailableFeature]) -> str:
+    """Which example values the rules accept and which they refuse, asked of the rules themselves."""
+    values = [v for rule in rules for v in rule.values]
+    if not values:
+        return REFUSED
+    refused = [v for v in values if any(rule.enabled(v) for rule in rules)]
+    if not refused:
+        return f"{_list(values)} supported"
+    when = " ".join(rule.when for rule in rules if rule.when)
+    # A conditional refusal leaves every value supported elsewhere.
+    supported = SUPPORTED if when else f"{_list([v for v in values if v not in refused])} supported"
+    verb = "raises" if len(refused) == 1 else "raise"
+    return f"{supported}; {_list(refused)}{' ' + when if when else ''} {verb} FeatureNotAvailableError"
+
+
+def _covering_rules(path: str) -> List[TuningOnlyKeys]:
+    """The no-effect rules covering ``path`` (field names; a rule's key covers its whole subtree)."""
+    found = []
+    for rule in features.TUNING_ONLY_KEYS:
+        if rule.section and not path.startswith(rule.section + "."):
+            continue
+        rest = path[len(rule.section) + 1:] if rule.section else path
+        if rest and rule.covers(rule.section, rest.split(".")[0]):
+            found.append(rule)
+    return found
+
+
+def _ignored_at(path: str) -> List[int]:
+    """The ZeRO stages at which ``path`` is accepted without effect (all of them: every stage)."""
+    rules = _covering_rules(path)
+    if any(rule.zero_stages is None for rule in rules):
+        return list(ZERO_STAGES)
+    return sorted({stage for rule in rules for stage in rule.zero_stages})
+
+
 def key_status(path: str) -> str:
-    """The status of one key path (field names), as written in the docs."""
+    """The status of one key path (field names), as written in the docs.
+
+    Everything is read from the tables in ``features.py``, so the docs cannot
+    claim more (or less) than the code does.
+    """
+    status = _availability(path)
     if path in EXTENSION_KEYS:
-        return EXTENSION
-    if path in STATUS_OVERRIDES:
-        return STATUS_OVERRIDES[path]
-    for rule in UNAVAILABLE_FEATURES:
-        if path == rule.key:
-            return REFUSED
-    for rule in UNAVAILABLE_FEATURES:
-        if path.startswith(rule.scope_path + "."):
-            return PARSED_ONLY
-    section, _, key = path.rpartition(".")
-    top = path.split(".")[0]
-    for rule in TUNING_ONLY_KEYS:
-        if rule.section == section and (not rule.keys or key in rule.keys) and key not in rule.except_keys:
-            return WARNS
-        if rule.section and rule.section == top and path != top and not rule.keys:
-            second = path.split(".")[1]
-            if second not in rule.except_keys:
-                return WARNS
-    return SUPPORTED
+        return EXTENSION if status == SUPPORTED else f"(deepscale extension) {status}"
+    return status
+
+
+def _availability(path: str) -> str:
+    rules = [rule for rule in features.UNAVAILABLE_FEATURES if rule.key == path]
+    if not rules and any(path.startswith(rule.scope_path + ".") for rule in features.UNAVAILABLE_FEATURES):
+        return PARSED_ONLY
+    status = _refusal_status(rules) if rules else SUPPORTED
+    ignored = _ignored_at(path)
+    if len(ignored) == len(ZERO_STAGES):
+        return WARNS if status == SUPPORTED else f"{status}; otherwise {WARNS}"
+    if not ignored:
+        return status
+    if status == SUPPORTED:
+        used = [stage for stage in ZERO_STAGES if stage not in ignored]
+        return f"supported at ZeRO {_stages(used)}; at {_stages(ignored)} accepted, warns: no effect"
+    return f"{status}; at ZeRO {_stages(ignored)} accepted, warns: no effect"
 
 
 def reference_rows(model_cls: Type[BaseModel]) -> List[Tuple[str, str, str, str]]:
@@ -117,9 +167,38 @@ def reference_rows(model_cls: Type[BaseModel]) -> List[Tuple[str, str, str, str]
     return [(info.path, info.alias_path or "", info.default, key_status(info.path)) for info in infos]
 
 
+def _refused_example(rule: UnavailableFeature) -> Any:
+    """A value of ``rule.key`` the rule refuses, or None when nothing is refused."""
+    for value in rule.values or (True,):
+        if rule.enabled(value):
+            return value
+    return None
+
+
+def render_availability() -> str:
+    """Markdown: every feature a config can ask for that is not built yet, from ``features.UNAVAILABLE_FEATURES``."""
+    out = ["\n### Features that are not available yet\n",
+           "Asking for one of these stops `initialize` with a `FeatureNotAvailableError` (a `ValueError`) "
+           "naming the key, for example:\n"]
+    rows, example = [], None
+    for rule in features.UNAVAILABLE_FEATURES:
+        value = _refused_example(rule)
+        if value is None:
+            continue  # built: every example value is accepted
+        if example is None:
+            example = refusal_message(rule, value)
+        key = rule.label or rule.key
+        feature = rule.feature(value) if callable(rule.feature) else rule.feature
+        hint = rule.hint(value) if callable(rule.hint) else rule.hint
+        rows.append(f"| `{key}`{' ' + rule.when if rule.when else ''} | {feature} | {hint} |")
+    out.append(f"```\n{example}\n```\n" if example else "(none)\n")
+    out.extend(["| Setting | Needs | How to run without it |", "|---|---|---|", *rows])
+    return "\n".join(out) + "\n"
+
+
 def render_markdown(model_cls: Type[BaseModel]) -> str:
-    """Markdown tables, one per top-level section, for ``docs/config.md``."""
-    out: List[str] = []
+    """The generated part of ``docs/config.md``: the availability list, then one key table per section."""
+    out: List[str] = [render_availability()]
     current = None
     for key, alias, default, status in reference_rows(model_cls):
         top = key.split(".")[0] if "." in key else ""

@@ -281,6 +281,10 @@ class Engine(torch.nn.Module):
 
         The write is atomic: a crash leaves the previous checkpoint intact and ``latest``
         pointing at it. ``client_state`` (a dict) comes back from :meth:`load_checkpoint`.
+        If any rank fails to write its files (a full disk, an exception), every rank raises
+        ``CheckpointSaveError`` naming the failed ranks and nothing is published.
+        ``exclude_frozen_parameters`` leaves parameters with ``requires_grad=False`` out of the
+        saved module weights; loading such a checkpoint keeps the model's own frozen weights.
         """
         if client_state is not None and not isinstance(client_state, dict):
             raise TypeError(f"save_checkpoint: client_state must be a dict, got {type(client_state).__name__}")
@@ -292,7 +296,8 @@ class Engine(torch.nn.Module):
             client_state = {**(client_state or {}), _LOADER_STATE_KEY: self.training_dataloader.state_dict()}
         # ZeRO-3: every rank helps gather the module weights that rank 0 writes whole.
         with getattr(self._train_opt, "module_state_context", contextlib.nullcontext)():
-            save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest)
+            save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest,
+                                   exclude_frozen_parameters=exclude_frozen_parameters)
         return True
 
     def load_checkpoint(self, load_dir: str, tag=None, load_module_strict: bool = True,

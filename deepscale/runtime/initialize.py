@@ -29,10 +29,21 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     Returns:
         ``(engine, optimizer, training_dataloader, lr_scheduler)``; the loader and scheduler
         are None when not requested.
+
+    Raises:
+        InitializeArgumentError: no model, the model passed positionally (where ``args``
+            goes), no config or two configs, or a ZeRO stage without an optimizer. It derives from both ``ValueError`` and
+            ``AssertionError``, because DeepSpeed asserts these and its callers catch that.
+        TypeError: ``model`` is not a ``torch.nn.Module``.
     """
-    if model is None:
-        raise ValueError("deepscale.initialize: model is required (pass model=your_nn_module)")
     import torch
+    from deepscale.config.errors import InitializeArgumentError
+    if model is None and isinstance(args, torch.nn.Module):
+        raise InitializeArgumentError(
+            f"deepscale.initialize: a {type(args).__name__} was passed as the first positional argument, which is "
+            "'args' (the argparse namespace); pass the model by keyword: initialize(model=..., ...)")
+    if model is None:
+        raise InitializeArgumentError("deepscale.initialize: model is required (pass model=your_nn_module)")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"deepscale.initialize: model must be a torch.nn.Module, got {type(model).__name__}")
     if mesh_param is not None:
@@ -45,6 +56,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     dp_world_size = mpu.get_data_parallel_world_size() if mpu is not None else dist.get_world_size()
     ds_config = DeepScaleConfig.from_source(config=config, config_params=config_params, args=args,
                                             dp_world_size=dp_world_size)
+    if ds_config.zero_stage > 0 and optimizer is None and ds_config.optimizer is None:
+        raise InitializeArgumentError(
+            f"deepscale.initialize: zero_optimization.stage={ds_config.zero_stage} partitions optimizer state, so "
+            "it needs an optimizer: add an 'optimizer' section to the config or pass optimizer= to initialize()")
     engine = Engine(model=model, config=ds_config, optimizer=optimizer, model_parameters=model_parameters,
                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn, mpu=mpu)
     if dist.get_rank() == 0:

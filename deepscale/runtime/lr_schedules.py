@@ -18,6 +18,7 @@ import math
 
 import torch
 
+from deepscale.config.params import check_call_kwargs
 from deepscale.utils.logging import logger
 
 LR_SCHEDULE = "lr_schedule"
@@ -502,6 +503,7 @@ def build_lr_scheduler(name: str, params: dict, optimizer):
         raise ValueError(f"scheduler.type '{name}' is not a known schedule; allowed: "
                          f"{', '.join(VALID_LR_SCHEDULES)} or any torch.optim.lr_scheduler class")
     _check_schedule_keys(name, cls, params)
+    check_call_kwargs("scheduler.params", params, cls)
     try:
         return cls(optimizer, **params)
     except ScheduleParamError as err:

@@ -1,5 +1,16 @@
 """Logging helpers: one package logger and rank-aware printing.
 
+Note: how the ``deepscale`` logger meets the application's logging. It is an
+ordinary ``logging`` logger that propagates to the root logger, so an
+application that configures logging (``logging.basicConfig``, handlers on the
+root logger, pytest's ``caplog``) receives deepscale's records through its own
+handlers and format, printed once. For an application that configured nothing,
+the logger also carries a default handler (``[time] [LEVEL] [deepscale] msg``
+on stdout), which stays silent as soon as the root logger has a handler, so the
+two never print the same line twice. The level is INFO (the step lines are
+INFO), or ``DEEPSCALE_LOG_LEVEL``; change it with
+``logging.getLogger("deepscale").setLevel(...)``.
+
 These helpers import nothing from the rest of deepscale so any layer may use them.
 """
 import logging
@@ -9,14 +20,24 @@ import sys
 _FORMAT = "[%(asctime)s] [%(levelname)s] [deepscale] %(message)s"
 
 
+class _DefaultHandler(logging.StreamHandler):
+    """Prints deepscale's records only while the application has configured no root handler."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return  # the record propagates to the application's handlers instead
+        self.stream = sys.stdout  # the current one, so redirections of sys.stdout are followed
+        super().emit(record)
+
+
 def _create_logger(name: str = "deepscale") -> logging.Logger:
     log = logging.getLogger(name)
-    if not log.handlers:
-        handler = logging.StreamHandler(stream=sys.stdout)
+    if not any(isinstance(h, _DefaultHandler) for h in log.handlers):
+        handler = _DefaultHandler()
         handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(os.environ.get("DEEPSCALE_LOG_LEVEL", "INFO").upper())
-    log.propagate = False
+    log.propagate = True
     return log
 
 

@@ -24,10 +24,20 @@ LATEST_FILE = "latest"
 
 
 def _load(path: str):
+    # This file imports nothing from deepscale (see above), so it names damaged files itself.
     try:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # files not in the zip format cannot be memory-mapped
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, OSError):  # files not in the zip format cannot be memory-mapped (or are damaged)
+        pass
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (FileNotFoundError, ModuleNotFoundError, AttributeError):
+        raise
+    except Exception as exc:
+        raise RuntimeError(f"checkpoint file {path} is truncated or corrupt ({os.path.getsize(path)} bytes): "
+                           f"{type(exc).__name__}: {exc}") from exc
 
 
 def iter_optimizer_shards(tag_dir: str, num_shards: int) -> Iterator[dict]:
@@ -50,12 +60,14 @@ def resolve_tag_dir(checkpoint_dir: str, tag: Optional[str] = None) -> str:
         latest = os.path.join(checkpoint_dir, LATEST_FILE)
         if not os.path.isfile(latest):
             raise FileNotFoundError(f"{checkpoint_dir} has no '{LATEST_FILE}' file and is not a tag directory; "
-                                    "pass tag=")
+                                    "name the checkpoint tag (tag= from Python, --tag TAG on the command line) "
+                                    "or give the tag directory itself as checkpoint_dir")
         with open(latest) as handle:
             tag = handle.read().strip()
     tag_dir = os.path.join(checkpoint_dir, str(tag))
     if not os.path.isfile(os.path.join(tag_dir, MODEL_STATES_FILE)):
-        raise FileNotFoundError(f"{tag_dir} is not a deepscale checkpoint (no {MODEL_STATES_FILE})")
+        raise FileNotFoundError(f"{tag_dir} is not a deepscale checkpoint (no {MODEL_STATES_FILE}); check "
+                                f"checkpoint_dir and the tag (tag= from Python, --tag TAG on the command line)")
     return tag_dir
 
 
@@ -117,15 +129,50 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: Optional[
 
 def load_state_dict_from_zero_checkpoint(model: torch.nn.Module, checkpoint_dir: str, tag: Optional[str] = None,
                                          strict: bool = True) -> torch.nn.Module:
-    """Load the consolidated fp32 weights into ``model`` (on CPU) and return it.
+    """Load the consolidated fp32 weights into ``model`` (moved to CPU) and return it.
 
-    The model's own dtype is kept for buffers; parameters become fp32, as in DeepSpeed. Do not
-    use the model with an engine afterwards without re-initializing it.
+    The model keeps its dtype, as in DeepSpeed: a bf16 model receives the fp32 masters
+    rounded to bf16 (``load_state_dict`` copies into the existing tensors). Parameters a
+    checkpoint saved with ``exclude_frozen_parameters=True`` left out keep the model's own
+    values, even with ``strict``. Do not use the model with an engine afterwards without
+    re-initializing it.
+
+    Args:
+        model: the module to fill.
+        checkpoint_dir, tag: see :func:`get_fp32_state_dict_from_zero_checkpoint`.
+        strict: refuse missing and unexpected keys (other than excluded frozen ones). Default True.
     """
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag)
-    model = model.cpu().float()
-    model.load_state_dict(state, strict=strict)
+    tag_dir = resolve_tag_dir(checkpoint_dir, tag)
+    state = get_fp32_state_dict_from_zero_checkpoint(tag_dir)
+    model = model.cpu()
+    load_module_weights(model, state, _load(os.path.join(tag_dir, MODEL_STATES_FILE)), strict,
+                        where=tag_dir, strict_name="strict")
     return model
+
+
+def load_module_weights(module: torch.nn.Module, weights: Dict[str, torch.Tensor], model_states: dict,
+                        strict: bool, where: str, strict_name: str) -> None:
+    """``module.load_state_dict(weights)``, where the frozen parameters a checkpoint saved with
+    ``exclude_frozen_parameters=True`` left out keep the module's values and are not missing.
+
+    Args:
+        module: the module to fill; keeps its dtype (values are copied into its tensors).
+        weights: name -> tensor.
+        model_states: the checkpoint's model-states dict (``excluded_frozen_param_names``).
+        strict: refuse other missing keys and unexpected keys.
+        where: the checkpoint path, for the error message.
+        strict_name: the caller's name of its ``strict`` argument, for the error message.
+    """
+    excluded = set(model_states.get("excluded_frozen_param_names", ()))
+    if not excluded:
+        module.load_state_dict(weights, strict=strict)
+        return
+    result = module.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if k not in excluded]
+    if strict and (missing or result.unexpected_keys):
+        raise RuntimeError(f"the module weights in {where} do not match the model: missing keys {missing[:5]}, "
+                           f"unexpected keys {result.unexpected_keys[:5]}; pass {strict_name}=False to load "
+                           "what matches")
 
 
 def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir: str, output_file: str, tag: Optional[str] = None,
@@ -145,8 +192,9 @@ def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir: str, output_file:
         try:
             from safetensors.torch import save_file
         except ImportError as err:
-            raise ImportError("safe_serialization=True needs the 'safetensors' package (pip install safetensors)") \
-                from err
+            raise ImportError("safetensors output (safe_serialization=True from Python, --safe_serialization on "
+                              "the command line, or an output name ending in .safetensors) needs the "
+                              "'safetensors' package: pip install safetensors") from err
     state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag, exclude_frozen_parameters)
     os.makedirs(os.path.dirname(os.path.abspath(output_file)), exist_ok=True)
     if use_safetensors:
@@ -163,7 +211,8 @@ def main(argv=None) -> int:
                                      description="Consolidate a deepscale ZeRO checkpoint into one fp32 state dict.")
     parser.add_argument("checkpoint_dir", help="checkpoint root (with 'latest') or a tag directory")
     parser.add_argument("output_file", help="where to write the state dict (.pt/.bin, or .safetensors)")
-    parser.add_argument("-t", "--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
+    parser.add_argument("-t", "--tag", default=None,
+                        help="checkpoint tag, the sub-directory of checkpoint_dir (default: the one 'latest' names)")
     parser.add_argument("--safe_serialization", "--safetensors", action="store_true",
                         help="write safetensors instead of torch.save")
     parser.add_argument("--exclude_frozen_parameters", action="store_true", help="leave out frozen parameters")

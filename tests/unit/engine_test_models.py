@@ -55,6 +55,8 @@ def base_config(micro_bs: int = 2, gas: int = 1, world: int = 1, **extra) -> dic
         "train_micro_batch_size_per_gpu": micro_bs,
         "gradient_accumulation_steps": gas,
         "steps_per_print": 1000,
+        # reference_run clips only when asked; DeepSpeed's (and our) default is 1.0.
+        "gradient_clipping": 0.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01, "betas": [0.9, 0.99]}},
     }
     cfg.update(extra)

@@ -54,6 +54,8 @@ class PythonEngine:
                     return errno_codes.EIO  # the file ended early
             else:
                 done = os.pwrite(fd, chunk, file_offset + pos)
+                if done == 0:
+                    return errno_codes.EIO  # no progress: never spin
             pos += done
         return 0
 

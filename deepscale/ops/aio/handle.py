@@ -14,6 +14,7 @@ import torch
 from deepscale.ops.aio.backends import open_engine, requested_backend
 from deepscale.ops.aio.buffers import free_cpu_locked_tensor, new_cpu_locked_tensor
 from deepscale.ops.aio.config import AioConfig
+from deepscale.utils.logging import logger
 
 
 def _raise_for(err, path, is_read):
@@ -135,11 +136,14 @@ class AsyncIOHandle:
 
     def __del__(self):
         # Requests still in flight write into tensors this handle keeps alive; finish them
-        # before those references (and the engine) go away.
+        # before those references (and the engine) go away. Their errors belong to wait(),
+        # which the owner skipped: log them rather than lose them (a destructor cannot raise).
         try:
             if self._pending:
                 self.wait()
-        except Exception:  # nobody is left to hear about an error at this point
+        except OSError as exc:
+            logger.error(f"AsyncIOHandle destroyed with requests nobody waited for; one failed: {exc}")
+        except Exception:  # interpreter shutdown: modules may already be gone
             pass
 
     def pread(self, buffer, filename, validate=False, async_op=False, file_offset=0):

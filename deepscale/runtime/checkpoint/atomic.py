@@ -7,6 +7,11 @@ point at it. A crash at any moment therefore leaves either the old or the new ch
 complete, never a half-written one under a name that a loader would pick. When an existing
 tag is overwritten, the old directory is first renamed aside to ``.old-<tag>-<id>``;
 :func:`resolve_tag_dir` falls back to it if a crash hit between the two renames.
+
+Leftovers of a crashed or failed save (staging directories, half-written ``latest`` files,
+directories set aside) are tidied by :func:`remove_stale_staging` at the start of the next
+save and load. That assumes one job writes a checkpoint root at a time (the job's saves are
+sequential), which is also what makes ``latest`` meaningful.
 """
 import os
 import shutil
@@ -73,6 +78,48 @@ def resolve_tag_dir(load_dir: str, tag: str) -> Optional[str]:
     return None
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def remove_stale_staging(save_dir: str, restore_set_aside: bool = True) -> list:
+    """Tidy the leftovers of crashed or failed saves in ``save_dir``; returns the names handled.
+
+    Staging directories and temporary ``latest`` files are deleted (``latest`` never names
+    them). With ``restore_set_aside`` (default True), a tag directory set aside by an
+    interrupted overwrite is deleted when its tag was published afterwards, and renamed back
+    to its tag otherwise (it is then the only copy). Loads pass False: other ranks may be
+    resolving that directory at the same moment. Call it from one rank, when no save into
+    ``save_dir`` is in progress.
+    """
+    if not os.path.isdir(save_dir):
+        return []
+    handled = []
+    for name in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, name)
+        if name.startswith(_TMP_PREFIX):
+            _remove(path)
+        elif restore_set_aside and name.startswith(_OLD_PREFIX) and os.path.isdir(path):
+            tag = name[len(_OLD_PREFIX):].rsplit("-", 1)[0]
+            final = os.path.join(save_dir, tag)
+            if os.path.isdir(final):
+                _remove(path)
+            else:
+                os.rename(path, final)
+        else:
+            continue
+        handled.append(name)
+    if handled:
+        _fsync_dir(save_dir)
+    return handled
+
+
 class AtomicCheckpointDir:
     """Stages a checkpoint tag in a temporary directory and publishes it atomically.
 
@@ -95,16 +142,8 @@ class AtomicCheckpointDir:
 
     def create(self) -> None:
         os.makedirs(self.save_dir, exist_ok=True)
-        self._remove_stale_staging()
+        remove_stale_staging(self.save_dir)
         os.makedirs(self.staging_path)
-
-    def _remove_stale_staging(self) -> None:
-        # Left behind by saves that crashed; never referenced by `latest`.
-        for name in os.listdir(self.save_dir):
-            if name.startswith(f"{_TMP_PREFIX}{self.tag}-") or name.startswith(f"{_TMP_PREFIX}{LATEST_FILE}-"):
-                shutil.rmtree(os.path.join(self.save_dir, name), ignore_errors=True)
-                if os.path.isfile(os.path.join(self.save_dir, name)):
-                    os.remove(os.path.join(self.save_dir, name))
 
     def commit(self, update_latest: bool = True) -> str:
         """Publish the staged directory under its final name; returns the final path."""
@@ -113,7 +152,12 @@ class AtomicCheckpointDir:
         if os.path.exists(self.final_path):
             aside = os.path.join(self.save_dir, f"{_OLD_PREFIX}{self.tag}-{uuid.uuid4().hex[:8]}")
             os.rename(self.final_path, aside)
-        os.rename(self.staging_path, self.final_path)
+        try:
+            os.rename(self.staging_path, self.final_path)
+        except BaseException:
+            if aside is not None:  # put the previous copy of the tag back under its name
+                os.rename(aside, self.final_path)
+            raise
         _fsync_dir(self.save_dir)
         if update_latest:
             write_latest_tag(self.save_dir, self.tag)

@@ -38,6 +38,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from deepscale.runtime.checkpoint.portable import FORMAT_NAME, FORMAT_VERSION
+from deepscale.utils.checkpoint_files import CorruptCheckpointError
 
 DS_MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 DS_ZERO3_MODEL_STATES_GLOB = "zero_pp_rank_*_mp_rank_00_model_states.pt"
@@ -83,8 +84,14 @@ _PICKLE = types.SimpleNamespace(Unpickler=_Unpickler, load=lambda f, **kw: _Unpi
 
 
 def load_ds_file(path: str):
-    """``torch.load`` a DeepSpeed file on CPU, whether or not DeepSpeed is importable."""
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
+    """``torch.load`` a DeepSpeed (or deepscale) file on CPU, whether or not DeepSpeed is importable;
+    a damaged file raises ``CorruptCheckpointError`` naming it, as ``checkpoint_files.load_file``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
+    except (FileNotFoundError, ModuleNotFoundError, AttributeError):
+        raise  # missing file, or a class the pickle names that this program lacks: not damage
+    except Exception as exc:  # zip, pickle and EOF errors all mean a damaged file here
+        raise CorruptCheckpointError(path, f"{type(exc).__name__}: {exc}") from exc
 
 
 def _as_int(value) -> int:

@@ -3,7 +3,10 @@
 Layout of one tag directory:
   ``mp_rank_00_model_states.pt``  module weights, lr schedule, step counters, config, client
                                   state and the number of optimizer shards (written by rank 0;
-                                  module weights are whole on every rank at stages 0-2)
+                                  module weights are whole on every rank at stages 0-2). With
+                                  ``exclude_frozen_parameters`` the frozen parameters are left
+                                  out and listed in ``excluded_frozen_param_names``; loading
+                                  keeps the model's own values for them.
   ``zero_pp_rank_{R}_mp_rank_00_optim_states.pt``
                                   optimizer shard R: fp32 masters and optimizer state of the
                                   parameter fragments rank R held, keyed by parameter name
@@ -22,15 +25,18 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from deepscale import comm as dist
-from deepscale.runtime.checkpoint.atomic import AtomicCheckpointDir, read_latest_tag, resolve_tag_dir
+from deepscale.runtime.checkpoint.atomic import (AtomicCheckpointDir, read_latest_tag, remove_stale_staging,
+                                                 resolve_tag_dir)
 from deepscale.runtime.checkpoint.deepspeed_format import (has_model_states, is_deepspeed_checkpoint,
                                                            load_ds_file, read_deepspeed_checkpoint,
                                                            read_latest_universal_tag)
 from deepscale.runtime.utils import get_rng_states, set_rng_states
+from deepscale.utils.checkpoint_files import load_file, save_file
 from deepscale.utils.logging import logger
 from deepscale.version import __version__
 
-from deepscale.utils.zero_to_fp32 import MODEL_STATES_FILE, OPTIM_FILE_FORMAT, iter_optimizer_shards
+from deepscale.utils.zero_to_fp32 import (MODEL_STATES_FILE, OPTIM_FILE_FORMAT, iter_optimizer_shards,
+                                          load_module_weights)
 
 RNG_FILE_FORMAT = "rng_states_rank{rank}.pt"
 CHECKPOINT_FORMAT_VERSION = 2
@@ -50,6 +56,18 @@ class EngineState:
     dp_group: Any = None
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint save failed on at least one rank; raised on every rank.
+
+    Nothing was published: ``latest`` and the previous checkpoints are unchanged and the
+    staging directory is removed. ``failures`` maps each failing rank to its error text.
+    """
+
+    def __init__(self, message: str, failures: Dict[int, str]):
+        super().__init__(message)
+        self.failures = dict(failures)
+
+
 def _agree_on_staging_id() -> str:
     token = [uuid.uuid4().hex[:12]]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -57,29 +75,83 @@ def _agree_on_staging_id() -> str:
     return token[0]
 
 
+def _failures_on_any_rank(error: Optional[BaseException]) -> Dict[int, str]:
+    """Every rank's error text from one step of the save (empty when all succeeded).
+
+    Note: why every rank joins. A rank whose write failed still calls this (its error is
+    caught, not raised), so the others learn of the failure from one small collective instead
+    of waiting at a barrier until the process-group timeout; all ranks then raise together.
+    """
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return {} if mine is None else {dist.get_rank(): mine}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {rank: text for rank, text in enumerate(gathered) if text is not None}
+
+
+def _raise_if_failed(failures: Dict[int, str], what: str, target: AtomicCheckpointDir, error) -> None:
+    if not failures:
+        return
+    if dist.get_rank() == 0:
+        target.abort()
+    detail = "; ".join(f"rank {rank}: {text}" for rank, text in sorted(failures.items()))
+    message = (f"checkpoint {target.final_path} was not saved: {what} failed on rank(s) "
+               f"{', '.join(map(str, sorted(failures)))} ({detail}). The previous checkpoints and "
+               f"{os.path.join(target.save_dir, 'latest')} are unchanged.")
+    raise CheckpointSaveError(message, failures) from error
+
+
 def save_engine_checkpoint(state: EngineState, save_dir: str, tag: str, client_state: Optional[dict],
-                           save_latest: bool = True) -> str:
-    """Write ``state`` under ``save_dir/tag`` atomically on every rank; returns the final path."""
+                           save_latest: bool = True, exclude_frozen_parameters: bool = False) -> str:
+    """Write ``state`` under ``save_dir/tag`` atomically on every rank; returns the final path.
+
+    Every rank writes its files into a staging directory; the ranks then agree that all
+    writes succeeded before rank 0 publishes the directory and moves ``latest``.
+    ``exclude_frozen_parameters`` leaves parameters with ``requires_grad=False`` out of the
+    saved module weights (default False).
+
+    Raises:
+        CheckpointSaveError: on every rank when any rank failed (names the ranks and errors).
+    """
     rank = dist.get_rank()
     target = AtomicCheckpointDir(save_dir, str(tag), _agree_on_staging_id())
+    error = None
     if rank == 0:
-        target.create()
-    dist.barrier()
+        try:
+            target.create()
+        except Exception as exc:  # every rank must still reach the exchange below
+            error = exc
+    _raise_if_failed(_failures_on_any_rank(error), "creating the staging directory", target, error)
     try:
-        torch.save(get_rng_states(), os.path.join(target.staging_path, RNG_FILE_FORMAT.format(rank=rank)))
-        _save_optimizer_shard(state, target.staging_path, rank)
-        if rank == 0:
-            torch.save(_model_states(state, client_state), os.path.join(target.staging_path, MODEL_STATES_FILE))
-    except BaseException:
-        if rank == 0:
-            target.abort()
-        raise
-    dist.barrier()
+        # Built on every rank before any file is written: building may run collectives (a
+        # sharded optimizer's state), which must not be skipped by a rank whose write failed.
+        payloads = _payloads(state, client_state, rank, exclude_frozen_parameters)
+        for name, obj in payloads.items():
+            save_file(obj, os.path.join(target.staging_path, name))
+    except Exception as exc:
+        error = exc
+    _raise_if_failed(_failures_on_any_rank(error), "writing the checkpoint files", target, error)
     if rank == 0:
-        target.commit(update_latest=save_latest)
-        logger.info(f"saved checkpoint {target.final_path}")
-    dist.barrier()
+        try:
+            target.commit(update_latest=save_latest)
+            logger.info(f"saved checkpoint {target.final_path}")
+        except Exception as exc:
+            error = exc
+    _raise_if_failed(_failures_on_any_rank(error), "publishing the checkpoint", target, error)
     return target.final_path
+
+
+def _payloads(state: EngineState, client_state: Optional[dict], rank: int,
+              exclude_frozen_parameters: bool = False) -> Dict[str, Any]:
+    """File name -> object for the files this rank writes."""
+    payloads = {RNG_FILE_FORMAT.format(rank=rank): get_rng_states()}
+    shard = _optimizer_shard(state, rank)
+    if shard is not None:
+        payloads[shard[0]] = shard[1]
+    if rank == 0:
+        payloads[MODEL_STATES_FILE] = _model_states(state, client_state, exclude_frozen_parameters)
+    return payloads
 
 
 def _num_shards(state: EngineState) -> int:
@@ -88,20 +160,26 @@ def _num_shards(state: EngineState) -> int:
     return state.dp_world_size if state.optimizer.saves_per_rank else 1
 
 
-def _save_optimizer_shard(state: EngineState, staging_path: str, rank: int) -> None:
+def _optimizer_shard(state: EngineState, rank: int) -> Optional[Tuple[str, dict]]:
     # Every rank writes the shard of the fragments it owns; replicated state only from rank 0.
     if _num_shards(state) == 0 or (rank != 0 and not state.optimizer.saves_per_rank):
-        return
+        return None
     shard_rank = dist.get_rank(state.dp_group) if state.optimizer.saves_per_rank else 0
-    torch.save(state.optimizer.state_dict(), os.path.join(staging_path, OPTIM_FILE_FORMAT.format(rank=shard_rank)))
+    return OPTIM_FILE_FORMAT.format(rank=shard_rank), state.optimizer.state_dict()
 
 
-def _model_states(state: EngineState, client_state: Optional[dict]) -> dict:
+def _model_states(state: EngineState, client_state: Optional[dict], exclude_frozen_parameters: bool = False) -> dict:
+    module_state = state.module.state_dict()
+    frozen = [n for n, p in state.module.named_parameters() if not p.requires_grad]
+    if exclude_frozen_parameters:
+        for name in frozen:
+            module_state.pop(name, None)
     return {
         "format_version": CHECKPOINT_FORMAT_VERSION,
         "deepscale_version": __version__,
-        "module": state.module.state_dict(),
-        "frozen_param_names": [n for n, p in state.module.named_parameters() if not p.requires_grad],
+        "module": module_state,
+        "frozen_param_names": frozen,
+        "excluded_frozen_param_names": frozen if exclude_frozen_parameters else [],
         "num_optimizer_shards": _num_shards(state),
         "lr_scheduler": state.lr_scheduler.state_dict() if state.lr_scheduler is not None else None,
         "counters": dict(state.counters),
@@ -114,6 +192,8 @@ def _model_states(state: EngineState, client_state: Optional[dict]) -> dict:
 
 def resolve_checkpoint(load_dir: str, tag: Optional[str]) -> Optional[str]:
     """The directory to load, or None (with a warning) when there is no checkpoint."""
+    if dist.get_rank() == 0:
+        remove_stale_staging(load_dir, restore_set_aside=False)  # leftovers of a crashed save
     if tag is None:
         tag = read_latest_tag(load_dir) or read_latest_universal_tag(load_dir)
         if tag is None:
@@ -132,7 +212,8 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
                            load_module_only: bool = False) -> Tuple[dict, dict]:
     """Restore ``state`` from the tag directory ``path``; returns ``(counters, client_state)``."""
     saved, ds_shards = _read_model_states(path)
-    state.module.load_state_dict(saved["module"], strict=load_module_strict)
+    load_module_weights(state.module, saved["module"], saved, load_module_strict, where=path,
+                        strict_name="load_module_strict")
     if load_module_only:
         _reseed_masters(state, saved["module"])
         return {}, saved.get("client_state", {})
@@ -173,7 +254,7 @@ def _reseed_masters(state: EngineState, module_sd: dict) -> None:
 def _load_rng(path: str, saved_world_size: Optional[int]) -> None:
     rng_path = os.path.join(path, RNG_FILE_FORMAT.format(rank=dist.get_rank()))
     if os.path.isfile(rng_path):
-        set_rng_states(torch.load(rng_path, map_location="cpu", weights_only=False))
+        set_rng_states(load_file(rng_path))
     elif dist.get_rank() == 0:
         logger.info(f"checkpoint was saved by {saved_world_size} ranks: RNG states of ranks without a saved "
                     "state are left as they are")

@@ -21,6 +21,7 @@ import inspect
 
 import torch
 
+from deepscale.config.params import check_call_kwargs
 from deepscale.runtime.optim.lion import Lion
 from deepscale.utils.logging import logger
 
@@ -131,6 +132,7 @@ def _with_fused_if_supported(cls, param_list, kwargs):
 
 def _build_adam(name, params, param_list):
     kwargs, torch_adam, decoupled = _adam_kwargs(name, params)
+    check_call_kwargs("optimizer.params", kwargs, torch.optim.AdamW)
     if not torch_adam:
         compiled = _build_compiled_optimizer(name, dict(kwargs, adam_w_mode=decoupled), param_list)
         if compiled is not None:
@@ -176,6 +178,7 @@ def build_optimizer(name: str, params: dict, model_parameters):
     if key in _TORCH_CLASSES:
         cls = _TORCH_CLASSES[key]
         _check_keys(params, _accepted_keys(cls), key)
+        check_call_kwargs("optimizer.params", params, cls)
         return cls(param_list, **params)
     if key in UNAVAILABLE_OPTIMIZER_NAMES:
         raise ValueError(f"optimizer.type '{name}' is a DeepSpeed optimizer that deepscale does not provide yet; "
@@ -185,4 +188,5 @@ def build_optimizer(name: str, params: dict, model_parameters):
         raise ValueError(f"optimizer.type '{name}' is not a known optimizer; allowed: "
                          f"{', '.join(VALID_OPTIMIZER_NAMES)} or any torch.optim optimizer class (e.g. RMSprop)")
     _check_keys(params, _accepted_keys(cls), name)
+    check_call_kwargs("optimizer.params", params, cls)
     return cls(param_list, **params)

@@ -15,7 +15,7 @@ DEEPSPEED_DEFAULTS = {
     "wall_clock_breakdown": False,
     "memory_breakdown": False,
     "dump_state": False,
-    "gradient_clipping": 0.0,
+    "gradient_clipping": 1.0,  # deepspeed/runtime/constants.py GRADIENT_CLIPPING_DEFAULT in 0.19.8
     "prescale_gradients": False,
     "gradient_predivide_factor": 1.0,
     "sparse_gradients": False,
@@ -116,7 +116,7 @@ FULL_DEEPSPEED_CONFIG = {
     "steps_per_print": 50,
     "wall_clock_breakdown": False,
     "memory_breakdown": False,
-    "gradient_clipping": 1.0,
+    "gradient_clipping": 0.5,
     "prescale_gradients": False,
     "gradient_predivide_factor": 1.0,
     "zero_allow_untested_optimizer": True,
@@ -207,7 +207,7 @@ def test_repr_and_describe_are_readable():
                          "zero_stage=0, optimizer=AdamW, scheduler=WarmupDecayLR)")
     text = cfg.describe()
     assert "train_batch_size=256 = micro batch 8 x accumulation 4 x data-parallel 8" in text
-    assert "gradient_clipping = 1.0" in text and "fp16.initial_scale_power = 12" in text
+    assert "gradient_clipping = 0.5" in text and "fp16.initial_scale_power = 12" in text
     assert "accepted but without effect yet: " in text
 
 

@@ -2,6 +2,7 @@
 import argparse
 import json
 import pathlib
+import sys
 
 import pytest
 
@@ -87,7 +88,8 @@ def test_directory_instead_of_file(tmp_path):
         load_config_dict(config=tmp_path)
 
 
-def test_invalid_json_shows_line_and_column(tmp_path):
+def test_invalid_json_shows_line_and_column(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hjson", None)  # hjson would accept the trailing comma
     path = _write(tmp_path, '{\n  "train_batch_size": 8,\n  "fp16": {"enabled": true,}\n}\n')
     with pytest.raises(ValueError) as info:
         load_config_dict(config=str(path))

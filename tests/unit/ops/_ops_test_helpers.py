@@ -1,10 +1,19 @@
 """Helpers for the op tests (name kept distinct: tests/unit has no packages)."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
+
+# Tests that build an op (or whose checks come after the compiler check) need the C++ compiler
+# torch's extension machinery calls; without one (a bare machine) they skip with the reason.
+_CXX = os.environ.get("CXX", "c++")
+needs_cxx = pytest.mark.skipif(shutil.which(_CXX) is None,
+                               reason=f"needs a C++ compiler: '{_CXX}' is not on PATH (apt-get install g++)")
 
 
 def run_python(code, env_updates=None, timeout=300):

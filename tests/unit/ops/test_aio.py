@@ -153,6 +153,84 @@ def test_full_disk_is_an_oserror_with_the_path(backend, small_tmpfs):
     handle.sync_pwrite(torch.ones(1000), small_tmpfs / "small.bin")  # the handle still works afterwards
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failed_async_write_is_reported_at_wait_on_a_full_disk(backend, small_tmpfs):
+    import errno
+    handle = _handle(backend)
+    target = small_tmpfs / "sparse.bin"
+    with open(target, "wb") as f:
+        f.truncate(4 << 20)  # 4 MiB with no blocks: nothing to reserve at submit, the writes fail
+    assert handle.async_pwrite(torch.ones(1 << 20, dtype=torch.uint8), target, file_offset=4096) == 0
+    with pytest.raises(OSError) as info:
+        handle.wait()
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(target) and str(target) in str(info.value)
+    assert handle.wait() == 0  # reported once, nothing left pending
+    target.unlink()
+    handle.sync_pwrite(torch.ones(1000), small_tmpfs / "small.bin")  # the handle still works afterwards
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failed_async_write_to_a_device_is_reported_at_wait(backend, tmp_path):
+    import errno
+    handle = _handle(backend)
+    good = tmp_path / "good.bin"
+    # /dev/full accepts the open and fails every write with ENOSPC, in the background.
+    assert handle.async_pwrite(torch.ones(3 * BLOCK), "/dev/full") == 0
+    assert handle.async_pwrite(torch.arange(100.0), good) == 0
+    with pytest.raises(OSError) as info:
+        handle.wait()
+    # Kernel AIO refuses a character device (EINVAL from io_submit, in the worker); the others
+    # get ENOSPC from the write. Both must come out of wait(), naming the file.
+    assert info.value.errno in (errno.ENOSPC, errno.EINVAL) and info.value.filename == "/dev/full"
+    back = torch.empty(100)
+    handle.sync_pread(back, good)  # the other request of the same wait() completed
+    assert torch.equal(back, torch.arange(100.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropping_a_handle_with_a_failed_write_logs_the_error(backend, monkeypatch):
+    from deepscale.ops.aio import handle as handle_module
+    messages = []
+    monkeypatch.setattr(handle_module.logger, "error", messages.append)
+    handle = _handle(backend)
+    handle.async_pwrite(torch.ones(BLOCK), "/dev/full")
+    del handle  # never waited: the error must not vanish silently
+    import gc
+    gc.collect()
+    assert len(messages) == 1 and "/dev/full" in messages[0] and "write failed" in messages[0]
+
+
+def _non_contiguous_views(source):
+    """(name, view) pairs of non-contiguous tensors with ``source``'s shape."""
+    rows, cols = source.shape
+    return [("transposed", torch.zeros(cols, rows, dtype=source.dtype).t()),
+            ("strided", torch.zeros(rows, 2 * cols, dtype=source.dtype)[:, ::2]),
+            ("column_slice", torch.zeros(rows, cols + 5, dtype=source.dtype)[:, 3:cols + 3])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("async_op", [False, True])
+def test_reads_into_and_writes_from_non_contiguous_tensors(backend, async_op, tmp_path):
+    handle = _handle(backend)
+    source = _random(37 * 301, torch.float32, seed=8).reshape(37, 301)  # spans several blocks
+    path = tmp_path / "nc.bin"
+    handle.sync_pwrite(source, path)
+    for name, view in _non_contiguous_views(source):
+        assert not view.is_contiguous()
+        handle.pread(view, path, async_op=async_op)
+        if async_op:
+            assert handle.wait() == 1
+        assert torch.equal(view, source), f"{name}: the data read was not copied back into the view"
+        view.mul_(-1)
+        handle.pwrite(view, tmp_path / f"{name}.bin", async_op=async_op)
+        if async_op:
+            handle.wait()
+        back = torch.empty_like(source)
+        handle.sync_pread(back, tmp_path / f"{name}.bin")
+        assert torch.equal(back, -source), f"{name}: a write from the view stored the wrong bytes"
+
+
 def test_config_keys_and_validation():
     cfg = AioConfig.from_dict({"block_size": 1 << 20, "queue_depth": 16, "intra_op_parallelism": 2,
                                "single_submit": False, "overlap_events": True})

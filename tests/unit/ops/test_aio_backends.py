@@ -4,6 +4,7 @@ import logging
 import pytest
 import torch
 
+from _ops_test_helpers import needs_cxx
 from deepscale.ops.aio import AsyncIOHandle, backends
 from deepscale.ops.op_loader import reset_op_cache
 from deepscale.utils.logging import logger
@@ -32,8 +33,14 @@ def warnings_seen():
 
 @pytest.fixture
 def no_io_uring(monkeypatch, request):
-    """Make the kernel probe report io_uring as refused (a reason unique to the test)."""
+    """Make the kernel probe report io_uring as refused (a reason unique to the test).
+
+    The liburing header is reported present, so the probe decides on machines without
+    liburing-dev too (nothing is compiled: the op is refused before a build)."""
     reason = f"the kernel refuses io_uring (test {request.node.name})"
+    real_find_header = async_io_uring.find_header
+    monkeypatch.setattr(async_io_uring, "find_header",
+                        lambda name: f"/usr/include/{name}" if name == "liburing.h" else real_find_header(name))
     monkeypatch.setattr(async_io_uring, "probe_io_uring", lambda: reason)
     monkeypatch.delenv("DEEPSCALE_AIO_BACKEND", raising=False)
     return reason
@@ -58,6 +65,7 @@ def test_auto_falls_back_to_libaio_with_one_warning(no_io_uring, warnings_seen, 
     assert len([m for m in warnings_seen if "async_io_uring" in m]) == 1  # once per process
 
 
+@needs_cxx
 def test_auto_falls_back_to_python_when_neither_op_runs(no_io_uring, warnings_seen, monkeypatch, tmp_path):
     monkeypatch.setenv("DEEPSCALE_DISABLE_OPS", "async_io")
     handle = AsyncIOHandle(block_size=8192)
@@ -89,6 +97,7 @@ def test_a_ring_the_kernel_refuses_at_start_falls_back(monkeypatch, warnings_see
         AsyncIOHandle(backend="io_uring")
 
 
+@needs_cxx
 def test_an_explicit_backend_that_cannot_run_names_the_reason_and_choices(no_io_uring, warnings_seen):
     with pytest.raises(RuntimeError) as info:
         AsyncIOHandle(backend="io_uring")
@@ -122,6 +131,7 @@ def test_auto_prefers_io_uring_where_it_runs(monkeypatch):
     assert AsyncIOHandle(backend="native").backend == "io_uring"
 
 
+@needs_cxx
 def test_missing_liburing_is_a_reason(monkeypatch):
     monkeypatch.setattr(async_io_uring, "find_header", lambda name: None)
     compat = async_io_uring.AsyncIOUringBuilder().is_compatible()

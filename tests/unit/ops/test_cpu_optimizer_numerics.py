@@ -9,6 +9,7 @@ optimizer's distance to the same reference as the yardstick of "fp32 rounding".
 import pytest
 import torch
 
+from _ops_test_helpers import needs_cxx
 from deepscale.ops.adagrad import DeepScaleCPUAdagrad
 from deepscale.ops.adam import DeepScaleCPUAdam
 from deepscale.ops.lion import DeepScaleCPULion
@@ -109,6 +110,7 @@ CASES = [(k, wd, bc) for k in ("adam", "adamw") for wd in (0.0, 0.1) for bc in (
 CASES += [(k, wd, True) for k in ("adagrad", "lion") for wd in (0.0, 0.1)]
 
 
+@needs_cxx
 @pytest.mark.parametrize("kind,wd,bias_correction", CASES)
 def test_fp32_params_match_float64_reference(kind, wd, bias_correction):
     ours, ref, f32 = _run(kind, torch.float32, wd, bias_correction)
@@ -295,6 +297,7 @@ def test_wrong_copy_out_buffer_is_rejected():
         opt.step(fp16_param_groups=[[torch.zeros(5, dtype=torch.half)]])
 
 
+@needs_cxx
 def test_reused_packing_follows_new_grads_and_swapped_states():
     """The cached slot packing must never write through stale addresses."""
     gen = torch.Generator().manual_seed(6)

@@ -2,17 +2,20 @@
 import pytest
 import torch
 
+from _ops_test_helpers import needs_cxx
 from deepscale.ops.adam import FusedAdam
 from op_builder import FusedAdamBuilder
 from op_builder.fused_adam import find_nvcc
 
 
+@needs_cxx
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
 def test_cuda_kernel_compiles_with_nvcc(tmp_path):
     obj = FusedAdamBuilder().compile_kernel_object(tmp_path, arch="80")
     assert obj.is_file() and obj.stat().st_size > 0
 
 
+@needs_cxx
 def test_cpu_torch_gives_a_reason():
     compat = FusedAdamBuilder().is_compatible()
     if torch.version.cuda is None:

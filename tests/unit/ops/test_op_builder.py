@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from _ops_test_helpers import run_python
+from _ops_test_helpers import needs_cxx, run_python
 from deepscale.ops import op_loader
 from op_builder import ALL_OPS, CPUAdamBuilder, OpBuilder, OpBuildError, get_builder
 from op_builder.simd import SIMD_LEVELS, cpu_info, detect_simd_level
@@ -77,6 +77,7 @@ def test_every_op_has_a_builder_with_a_verdict():
         get_builder("no_such_op")
 
 
+@needs_cxx
 def test_second_load_is_served_from_cache():
     get_builder("cpu_adam").load()  # built (once per session) in the session cache
     result = run_python(textwrap.dedent("""
@@ -95,6 +96,7 @@ def test_second_load_is_served_from_cache():
     assert "built op" not in result.stdout
 
 
+@needs_cxx
 def test_two_processes_building_concurrently_both_succeed(tmp_path):
     source = tmp_path / "tiny.cpp"
     source.write_text(TINY_SOURCE)
@@ -118,8 +120,11 @@ def test_two_processes_building_concurrently_both_succeed(tmp_path):
         assert "RESULT 42" in r.stdout
     # The lock makes exactly one of them build; the other loads the finished build.
     assert sum("built op 'tiny_concurrent'" in r.stdout for r in results) == 1
+    # The builder says it is building (a first build can take minutes), then how long it took.
+    assert sum("building op 'tiny_concurrent'" in r.stdout for r in results) == 1
 
 
+@needs_cxx
 def test_failed_build_shows_the_compiler_error(tmp_path, monkeypatch):
     source = tmp_path / "broken.cpp"
     source.write_text(BROKEN_SOURCE)
@@ -180,6 +185,7 @@ def test_disable_ops_forces_the_fallback(monkeypatch):
         op_loader._STATUS.pop("cpu_lion", None)
 
 
+@needs_cxx
 def test_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     source = tmp_path / "tiny.cpp"
     source.write_text(TINY_SOURCE)
@@ -203,6 +209,7 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     assert os.path.exists(json.loads(marker.read_text())["path"])
 
 
+@needs_cxx
 def test_cuda_major_mismatch_and_missing_nvcc_are_reasons(monkeypatch):
     import torch
 
@@ -218,6 +225,7 @@ def test_cuda_major_mismatch_and_missing_nvcc_are_reasons(monkeypatch):
     assert "no nvcc" in fused_adam.FusedAdamBuilder().is_compatible().reason
 
 
+@needs_cxx
 def test_missing_libaio_headers_is_a_reason(monkeypatch):
     from op_builder import async_io
     monkeypatch.setattr(async_io, "find_libaio_header", lambda: None)

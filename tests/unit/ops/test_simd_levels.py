@@ -5,11 +5,12 @@ import textwrap
 
 import pytest
 
-from _ops_test_helpers import run_python
+from _ops_test_helpers import needs_cxx, run_python
 from op_builder import CPUAdamBuilder, csrc_root
 from op_builder.simd import simd_flags
 
 
+@needs_cxx
 def test_portable_build_matches_the_pytorch_path(tmp_path):
     code = textwrap.dedent("""
         import torch

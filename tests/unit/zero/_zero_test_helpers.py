@@ -27,8 +27,8 @@ def zero_config(stage: int, world: int, gas: int = 1, clip: float = 0.0, micro_b
         "zero_optimization": {"stage": stage, "reduce_bucket_size": 200, "allgather_bucket_size": 500,
                               **zero_extra},
     }
-    if clip:
-        cfg["gradient_clipping"] = clip
+    # Explicit even when 0: the references do not clip, and DeepSpeed's default is 1.0.
+    cfg["gradient_clipping"] = clip
     return cfg
 
 

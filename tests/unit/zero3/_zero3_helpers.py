@@ -20,8 +20,8 @@ def gpt_config(stage: int, world: int, gas: int = 1, clip: float = 0.0, **zero_e
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WD, "betas": [0.9, 0.99]}},
         "zero_optimization": {"stage": stage, **(zero_extra if stage == 3 else {})},
     }
-    if clip:
-        cfg["gradient_clipping"] = clip
+    # Explicit even when 0: the references do not clip, and DeepSpeed's default is 1.0.
+    cfg["gradient_clipping"] = clip
     return cfg
 
 
