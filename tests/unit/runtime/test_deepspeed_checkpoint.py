@@ -200,3 +200,18 @@ def test_stage0_tied_weights_map_optimizer_indices_like_parameters(tmp_path):
     assert shard["param_groups"][0]["names"] == ["embed.weight", "mid.weight", "mid.bias"]
     for name, param in model.named_parameters():
         assert torch.equal(shard["fragments"][name]["state"]["exp_avg"], optimizer.state[param]["exp_avg"].view(-1))
+
+
+def test_deepspeed_dynamic_loss_scale_converts_to_deepscale():
+    """DeepSpeed cannot train fp16 on CPU, so no fixture holds its DynamicLossScaler; this checks
+    the conversion on an object with the attributes DeepSpeed 0.19's scaler pickles."""
+    import types
+    from deepscale.runtime.checkpoint.deepspeed_format import _loss_scaler_state
+    from deepscale.runtime.precision.loss_scaler import DynamicLossScaler
+    ds_scaler = types.SimpleNamespace(dynamic=True, cur_scale=1024.0, cur_iter=7, last_overflow_iter=3,
+                                      cur_hysteresis=1, scale_factor=2.0, scale_window=1000, min_scale=1.0,
+                                      delayed_shift=2, consecutive_hysteresis=False)
+    scaler = DynamicLossScaler(init_scale=2**16, delayed_shift=2)
+    scaler.load_state_dict(_loss_scaler_state(ds_scaler))
+    assert (scaler.cur_scale, scaler.cur_iter, scaler.last_overflow_iter, scaler.cur_hysteresis) == (1024.0, 7, 3, 1)
+    assert _loss_scaler_state(types.SimpleNamespace(dynamic=False, cur_scale=1.0)) is None  # static: config decides
