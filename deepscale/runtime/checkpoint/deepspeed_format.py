@@ -232,9 +232,12 @@ def _distinct_parameter_names(module_state: dict, buffers: set) -> List[str]:
 
 def _stage0_shards(ms: dict) -> Iterator[dict]:
     torch_state = ms.get("optimizer")
+    if isinstance(torch_state, dict) and "fp32_groups_flat" in torch_state:
+        yield _stage0_flat_shard(ms, torch_state)
+        return
     if not isinstance(torch_state, dict) or "param_groups" not in torch_state or "state" not in torch_state:
-        raise ValueError("DeepSpeed checkpoint without ZeRO: its 'optimizer' entry is not a torch optimizer state "
-                         "(fp16 or bf16 training at stage 0 is not readable by deepscale); load it with "
+        raise ValueError("DeepSpeed checkpoint without ZeRO: its 'optimizer' entry is neither a torch optimizer "
+                         "state nor DeepSpeed's fp16/bf16 optimizer state; load it with "
                          "load_optimizer_states=False to take the weights only")
     param_names = _distinct_parameter_names(ms["module"], set(ms.get("buffer_names") or ()))
     groups = torch_state["param_groups"]
@@ -255,6 +258,30 @@ def _stage0_shards(ms: dict) -> Iterator[dict]:
             names[-1].append(name)
     yield _shard(0, fragments, _group_scalars(torch_state, len(groups), _group_of_index(groups)),
                  _group_hypers(groups, names), None)
+
+
+def _stage0_flat_shard(ms: dict, fp16_state: dict) -> dict:
+    """fp16/bf16 without ZeRO (DeepSpeed's FP16_Optimizer): one flat fp32 vector per param group
+    holding the group's parameters end to end; supported for one param group, whose order is
+    ``model.parameters()`` (with several, the file does not say which parameter is in which)."""
+    flats = fp16_state["fp32_groups_flat"]
+    torch_state = fp16_state["optimizer_state_dict"]
+    param_names = _distinct_parameter_names(ms["module"], set(ms.get("buffer_names") or ()))
+    shapes = [ms["module"][name].shape for name in param_names]
+    if len(flats) != 1 or flats[0].numel() != sum(int(shape.numel()) for shape in shapes):
+        raise ValueError(f"DeepSpeed fp16/bf16 checkpoint without ZeRO: {len(flats)} flat fp32 groups of "
+                         f"{[int(f.numel()) for f in flats]} elements do not map onto the module's parameters "
+                         f"({sum(int(shape.numel()) for shape in shapes)} elements); only one param group over "
+                         "model.parameters() is readable. Load it with load_optimizer_states=False")
+    states = _elementwise(torch_state["state"].get(0, {}), flats[0])
+    fragments, offset = {}, 0
+    for name, shape in zip(param_names, shapes):
+        piece = slice(offset, offset + int(shape.numel()))
+        fragments[name] = _fragment(shape, 0, flats[0][piece], {k: v[piece] for k, v in states.items()})
+        offset = piece.stop
+    groups = torch_state["param_groups"]
+    return _shard(0, fragments, _group_scalars(torch_state, len(groups), _group_of_index(groups)),
+                  _group_hypers(groups, [param_names]), None)
 
 
 # --- stages 1 and 2: one flat fp32 vector per group, cut into equal slices --------------------

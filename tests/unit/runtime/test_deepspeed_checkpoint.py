@@ -95,16 +95,18 @@ def test_other_world_size_continues_like_deepspeed():
     _check(cases, run_distributed(_run_all, 1, args=(cases, 1))[0], 0, 1)
 
 
-def _bf16_run(world_size):
-    return _continue_from("stage2_bf16", 2, world_size, bf16_fused_adam_config)
+def _bf16_run(fixture, stage, world_size):
+    return _continue_from(fixture, stage, world_size, bf16_fused_adam_config)
 
 
-def test_bf16_with_deepspeed_adam_continues_like_deepspeed():
-    """bf16 and DeepSpeed's own Adam (FusedAdam): files named bf16_zero_pp_rank_*, bf16 module
-    weights, FusedAdam hyperparameters. deepscale computes the loss in bf16 where DeepSpeed's
-    fp32 buffer promotes it to fp32, so losses agree to bf16 resolution (2**-8 relative)."""
-    expected = EXPECTED["variants"]["stage2_bf16"]
-    for rank, (restored, losses) in enumerate(run_distributed(_bf16_run, 2, args=(2,))):
+@pytest.mark.parametrize("fixture,stage", [("stage2_bf16", 2), ("stage0_bf16", 0), ("stage0_bf16", 3)])
+def test_bf16_with_deepspeed_adam_continues_like_deepspeed(fixture, stage):
+    """bf16 and DeepSpeed's own Adam (FusedAdam): at ZeRO-2 files named bf16_zero_pp_rank_*, without
+    ZeRO DeepSpeed's FP16_Optimizer layout (flat fp32 groups, integer steps). deepscale computes
+    the loss in bf16 where DeepSpeed's fp32 buffer promotes it to fp32, so losses agree to bf16
+    resolution (2**-8 relative)."""
+    expected = EXPECTED["variants"][fixture]
+    for rank, (restored, losses) in enumerate(run_distributed(_bf16_run, 2, args=(fixture, stage, 2))):
         assert restored["global_steps"] == 3 and restored["lr"] == pytest.approx(expected[0]["lr_at_save"])
         assert losses == pytest.approx(expected[rank]["losses_after_save"], rel=1e-2, abs=0)
 
@@ -147,10 +149,14 @@ def test_deepscale_checkpoints_are_not_taken_for_deepspeed_ones(tmp_path):
     engine.destroy()
 
 
-def test_unreadable_stage0_optimizer_names_the_way_out(tmp_path):
+@pytest.mark.parametrize("optimizer_state", [
+    {"something": "else"},  # not a layout DeepSpeed writes at stage 0
+    {"fp32_groups_flat": [torch.zeros(3), torch.zeros(4)],  # two param groups: the split is not recorded
+     "optimizer_state_dict": {"state": {}, "param_groups": [{"params": [0]}, {"params": [1]}]}}])
+def test_unreadable_stage0_optimizer_names_the_way_out(tmp_path, optimizer_state):
     from deepscale.runtime.checkpoint.deepspeed_format import load_ds_file, read_deepspeed_checkpoint
     states = load_ds_file(os.path.join(FIXTURES, "stage0", EXPECTED["tag"], "mp_rank_00_model_states.pt"))
-    states["optimizer"] = {"fp32_groups_flat": []}  # what an fp16 run without ZeRO stores
+    states["optimizer"] = optimizer_state
     os.makedirs(tmp_path / "t")
     torch.save(states, str(tmp_path / "t" / "mp_rank_00_model_states.pt"))
     _, shards = read_deepspeed_checkpoint(str(tmp_path / "t"))
