@@ -24,21 +24,19 @@ Note: the DeepSpeed layouts, as found in the files (DeepSpeed 0.19). A tag direc
 
 Every layout is converted into deepscale's portable shards (``portable.py``), one per DeepSpeed
 rank (a single one for stage 0 and the universal layout), which the ordinary load path re-slices
-for any world size and ZeRO stage. The files pickle a few DeepSpeed classes (loss scaler, stage
-enum, fragment address); they are always read through stand-in classes, never by importing
-DeepSpeed, so the files load whether DeepSpeed, a compatibility shim or neither is installed.
+for any world size and ZeRO stage. The files are unpickled without DeepSpeed
+(``deepspeed_pickle.py``).
 """
 import glob
 import os
-import pickle
 import re
 import types
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from deepscale.runtime.checkpoint.deepspeed_pickle import as_int, fragment_address, load_ds_file
 from deepscale.runtime.checkpoint.portable import FORMAT_NAME, FORMAT_VERSION
-from deepscale.utils.checkpoint_files import CorruptCheckpointError
 
 DS_MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 DS_ZERO3_MODEL_STATES_GLOB = "zero_pp_rank_*_mp_rank_00_model_states.pt"
@@ -50,55 +48,6 @@ _UNIVERSAL_NON_STATE_FILES = ("fp32", "step")  # zero/<name>/*.pt that are not e
 # Param-group entries that are not training state: the loading optimizer's own implementation
 # choices (torch's fused/foreach paths) and step counters, which travel as optimizer state.
 NOT_HYPERPARAMETERS = ("params", "step", "foreach", "fused", "capturable", "differentiable")
-
-
-class _DeepSpeedStandIn:
-    """Takes the place of a pickled DeepSpeed object: keeps constructor args and attributes."""
-
-    def __new__(cls, *args, **kwargs):
-        obj = super().__new__(cls)
-        obj.args = args
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-        self.__dict__.update(kwargs)
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
-            state = {**(state[0] or {}), **(state[1] or {})}
-        if isinstance(state, dict):
-            self.__dict__.update(state)
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        # Never import DeepSpeed's classes: a compatibility shim named ``deepspeed`` may be installed.
-        if module == "deepspeed" or module.startswith("deepspeed."):
-            return type(name, (_DeepSpeedStandIn,), {"__module__": module})
-        return super().find_class(module, name)
-
-
-_PICKLE = types.SimpleNamespace(Unpickler=_Unpickler, load=lambda f, **kw: _Unpickler(f, **kw).load(),
-                                __name__="pickle")
-
-
-def load_ds_file(path: str):
-    """``torch.load`` a DeepSpeed (or deepscale) file on CPU, whether or not DeepSpeed is importable;
-    a damaged file raises ``CorruptCheckpointError`` naming it, as ``checkpoint_files.load_file``."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
-    except (FileNotFoundError, ModuleNotFoundError, AttributeError):
-        raise  # missing file, or a class the pickle names that this program lacks: not damage
-    except Exception as exc:  # zip, pickle and EOF errors all mean a damaged file here
-        raise CorruptCheckpointError(path, f"{type(exc).__name__}: {exc}") from exc
-
-
-def _as_int(value) -> int:
-    """An int from an int, a tensor or the stand-in of DeepSpeed's ZeroStageEnum."""
-    if isinstance(value, _DeepSpeedStandIn):
-        return int(value.args[0])
-    return int(value)
 
 
 def _model_states_files(tag_dir: str) -> List[str]:
@@ -201,13 +150,6 @@ def _group_of_index(param_groups: List[dict]) -> Callable[[int], int]:
     return lambda index: owner.get(index, 0)
 
 
-def _address(obj) -> Tuple[int, int]:
-    """(numel, start) of DeepSpeed's ``fragment_address`` (a stand-in, or computed here)."""
-    if hasattr(obj, "numel") and hasattr(obj, "start"):
-        return int(obj.numel), int(obj.start)
-    return int(obj.args[0]), int(obj.args[1])
-
-
 def _base_state(osd: dict) -> dict:
     base = osd["base_optimizer_state"]
     if isinstance(base, list):  # older DeepSpeed: one torch state per group, no param_groups
@@ -298,7 +240,7 @@ def _stage12_shards(files: List[str], param_shapes: List[dict]) -> Iterator[dict
         for group, (flat, mapping) in enumerate(zip(partitions, mappings)):
             states = _elementwise(base["state"].get(group, {}), flat)
             for name, address in mapping.items():
-                numel, start = _address(address)
+                numel, start = fragment_address(address)
                 if numel == 0:
                     continue
                 piece = slice(start, start + numel)
@@ -306,7 +248,7 @@ def _stage12_shards(files: List[str], param_shapes: List[dict]) -> Iterator[dict
                                             {k: v[piece] for k, v in states.items()})
                 consumed[name] = consumed.get(name, 0) + numel
         groups = base["param_groups"]
-        yield _shard(_as_int(osd.get("zero_stage", 2)), fragments,
+        yield _shard(as_int(osd.get("zero_stage", 2)), fragments,
                      _group_scalars(base, len(groups), _group_of_index(groups)), _group_hypers(groups, names),
                      _loss_scaler_state(osd.get("loss_scaler")))
 
@@ -329,8 +271,8 @@ def _computed_mappings(partitions, param_shapes: List[dict], consumed: Dict[str,
 
 
 # --- stage 3: every parameter cut into world_size equal parts ---------------------------------
-def _stage3_parts(files: List[str], param_shapes: List[dict]) -> Iterator[Tuple[dict, dict, int]]:
-    """Per rank: (fragments, torch state, world size)."""
+def _stage3_parts(files: List[str], param_shapes: List[dict]) -> Iterator[Tuple[dict, dict]]:
+    """Per rank: (fragments, the rank's ZeRO-3 optimizer state dict)."""
     world_size = len(files)
     for rank, path in enumerate(files):
         osd = load_ds_file(path)["optimizer_state_dict"]
@@ -352,12 +294,12 @@ def _stage3_parts(files: List[str], param_shapes: List[dict]) -> Iterator[Tuple[
                     piece = slice(offset, offset + held)
                     fragments[name] = _fragment(shape, start, flat[piece], {k: v[piece] for k, v in states.items()})
                 offset += part
-        yield fragments, osd, world_size
+        yield fragments, osd
 
 
 def _stage3_shards(files: List[str], param_shapes: List[dict]) -> Iterator[dict]:
     names = [list(shapes) for shapes in param_shapes]
-    for fragments, osd, _ in _stage3_parts(files, param_shapes):
+    for fragments, osd in _stage3_parts(files, param_shapes):
         torch_state = osd["optimizer_state_dict"]
         groups = torch_state["param_groups"]
         yield _shard(3, fragments, _group_scalars(torch_state, len(groups), _group_of_index(groups)),
@@ -402,7 +344,7 @@ def _universal_shards(tag_dir: str, param_shapes: List[dict]) -> Iterator[dict]:
             if os.path.isfile(os.path.join(folder, "step.pt")) and "step" not in scalars[group]:
                 scalars[group]["step"] = _step_tensor(_universal_tensor(os.path.join(folder, "step.pt")))
             fragments[name] = _fragment(fp32.shape, 0, fp32.reshape(-1), states)
-    yield _shard(_as_int(common.get("zero_stage", 0)), fragments, scalars, _group_hypers(groups, names),
+    yield _shard(as_int(common.get("zero_stage", 0)), fragments, scalars, _group_hypers(groups, names),
                  _loss_scaler_state(common.get("loss_scaler")))
 
 
@@ -486,13 +428,13 @@ def read_deepspeed_checkpoint(tag_dir: str, model_states: Optional[dict] = None
     param_shapes = [dict(group) for group in (ms.get("param_shapes") or [])]
     optim_files = _optim_files(tag_dir)
     if is_universal(tag_dir):
-        stage = _as_int(load_ds_file(os.path.join(tag_dir, UNIVERSAL_DIR, UNIVERSAL_OPTIM_FILE)).get("zero_stage", 0))
+        stage = as_int(load_ds_file(os.path.join(tag_dir, UNIVERSAL_DIR, UNIVERSAL_OPTIM_FILE)).get("zero_stage", 0))
         shards, num_shards = (lambda: _universal_shards(tag_dir, param_shapes)), 1
     elif not optim_files:
         stage, num_shards = 0, 1
         shards = lambda: _stage0_shards(ms)  # noqa: E731
     else:
-        stage = _as_int(load_ds_file(optim_files[0])["optimizer_state_dict"].get("zero_stage", 1))
+        stage = as_int(load_ds_file(optim_files[0])["optimizer_state_dict"].get("zero_stage", 1))
         reader = _stage3_shards if stage == 3 else _stage12_shards
         shards, num_shards = (lambda: reader(optim_files, param_shapes)), len(optim_files)
     module = ms["module"]

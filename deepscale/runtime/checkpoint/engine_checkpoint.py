@@ -28,8 +28,8 @@ from deepscale import comm as dist
 from deepscale.runtime.checkpoint.atomic import (AtomicCheckpointDir, read_latest_tag, remove_stale_staging,
                                                  resolve_tag_dir)
 from deepscale.runtime.checkpoint.deepspeed_format import (has_model_states, is_deepspeed_checkpoint,
-                                                           load_ds_file, read_deepspeed_checkpoint,
-                                                           read_latest_universal_tag)
+                                                           read_deepspeed_checkpoint, read_latest_universal_tag)
+from deepscale.runtime.checkpoint.deepspeed_pickle import load_ds_file
 from deepscale.runtime.utils import get_rng_states, set_rng_states
 from deepscale.utils.checkpoint_files import load_file, save_file
 from deepscale.utils.logging import logger

@@ -154,7 +154,8 @@ def test_deepscale_checkpoints_are_not_taken_for_deepspeed_ones(tmp_path):
     {"fp32_groups_flat": [torch.zeros(3), torch.zeros(4)],  # two param groups: the split is not recorded
      "optimizer_state_dict": {"state": {}, "param_groups": [{"params": [0]}, {"params": [1]}]}}])
 def test_unreadable_stage0_optimizer_names_the_way_out(tmp_path, optimizer_state):
-    from deepscale.runtime.checkpoint.deepspeed_format import load_ds_file, read_deepspeed_checkpoint
+    from deepscale.runtime.checkpoint.deepspeed_format import read_deepspeed_checkpoint
+    from deepscale.runtime.checkpoint.deepspeed_pickle import load_ds_file
     states = load_ds_file(os.path.join(FIXTURES, "stage0", EXPECTED["tag"], "mp_rank_00_model_states.pt"))
     states["optimizer"] = optimizer_state
     os.makedirs(tmp_path / "t")
