@@ -18,10 +18,13 @@ _LAZY_ATTRIBUTES = {
     "add_config_arguments": "deepscale.launcher.config_arguments",
     "DeepScaleEngine": "deepscale.runtime.engine",
     "DeepScaleConfig": "deepscale.config",
+    # DeepSpeed's names for the same classes (integrations import them from the top level).
+    "DeepSpeedEngine": "deepscale.runtime.engine",
+    "DeepSpeedConfig": "deepscale.runtime.config",
 }
-_LAZY_NAMES = {"DeepScaleEngine": "Engine"}
+_LAZY_NAMES = {"DeepScaleEngine": "Engine", "DeepSpeedEngine": "Engine"}
 _LAZY_SUBMODULES = ("accelerator", "comm", "config", "ops", "runtime", "utils", "launcher", "zero", "pipe",
-                    "checkpointing", "moe", "monitor", "profiling", "inference")
+                    "checkpointing", "checkpoint", "moe", "monitor", "profiling", "inference")
 
 __all__ = ["__version__", "initialize", "init_distributed", "add_config_arguments"]
 

@@ -1,0 +1,78 @@
+"""Train a tiny GPT-2 with the Hugging Face Trainer and a DeepSpeed config ("auto" values), through
+the ``deepspeed`` compatibility shim. Launched by test_hf_trainer.py under ``deepscale --num_procs 2``.
+
+Usage: hf_trainer_script.py --stage {2,3} --out DIR --result FILE [--resume CHECKPOINT_DIR]
+Rank 0 writes FILE (JSON): the logged loss of every step, the final global step, whether the
+engine is a deepspeed.DeepSpeedEngine, and a checksum of the saved model weights.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from hf_common import TokenDataset, allow_deepspeed_on_cpu, ds_config, tiny_gpt2, write_json  # noqa: E402
+
+
+class LossRecorder(TrainerCallback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses[state.global_step] = float(logs["loss"])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args()
+    allow_deepspeed_on_cpu()
+
+    training_args = TrainingArguments(
+        output_dir=args.out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=10,
+        learning_rate=3e-3, warmup_steps=2, logging_steps=1, save_steps=5, save_strategy="steps",
+        report_to=[], deepspeed=ds_config(args.stage), seed=0, dataloader_num_workers=0,
+        disable_tqdm=True, save_only_model=False)
+    model = tiny_gpt2()  # after TrainingArguments: under ZeRO-3 this runs inside deepspeed.zero.Init
+    recorder = LossRecorder()
+    trainer = Trainer(model=model, args=training_args, train_dataset=TokenDataset(), callbacks=[recorder])
+    trainer.train(resume_from_checkpoint=args.resume)
+
+    import deepspeed
+    engine = trainer.model_wrapped
+    result = {
+        "losses": {str(k): v for k, v in sorted(recorder.losses.items())},
+        "global_step": trainer.state.global_step,
+        "engine_global_steps": engine.global_steps,
+        "is_engine": isinstance(engine, deepspeed.DeepSpeedEngine),
+        "config_stage": engine.config.get("zero_optimization", {}).get("stage"),
+        "micro_batch": engine.train_micro_batch_size_per_gpu(),
+        "zero3_enabled_in_model": any(hasattr(p, "ds_id") for p in trainer.model.parameters()),
+    }
+    trainer.save_model(os.path.join(args.out, "final"))
+    if trainer.args.process_index == 0:
+        final = os.path.join(args.out, "final")
+        weights = _load_saved_weights(final)
+        result["saved_weight_sum"] = float(sum(t.double().abs().sum() for t in weights.values()))
+        result["saved_weight_keys"] = len(weights)
+        write_json(args.result, result)
+
+
+def _load_saved_weights(folder):
+    safe = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(safe):
+        from safetensors.torch import load_file
+        return load_file(safe)
+    return torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu")
+
+
+if __name__ == "__main__":
+    main()
