@@ -81,6 +81,34 @@ def allow_deepspeed_on_cpu() -> None:
     PartialState._prepare_backend = prepare_backend
 
 
+def accelerate_ds_config(stage: int) -> dict:
+    """A DeepSpeed config as Accelerate users write it: the values Accelerate fills are "auto"."""
+    zero = {"stage": stage, "reduce_bucket_size": "auto"}
+    if stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
+                     "stage3_gather_16bit_weights_on_model_save": True})
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": [0.9, 0.999],
+                                                   "eps": 1e-8}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                                      "warmup_num_steps": "auto"}},
+        "zero_optimization": zero,
+    }
+
+
+def write_accelerate_config(path: str, ds_config_path: str, num_processes: int, port: int, zero3_init: bool):
+    """An ``accelerate launch --config_file`` YAML selecting the DeepSpeed plugin with ``ds_config_path``."""
+    lines = ["compute_environment: LOCAL_MACHINE", "distributed_type: DEEPSPEED", "deepspeed_config:",
+             f"  deepspeed_config_file: {ds_config_path}", f"  zero3_init_flag: {str(zero3_init).lower()}",
+             "machine_rank: 0", "num_machines: 1", f"num_processes: {num_processes}",
+             f"main_process_port: {port}", "main_training_function: main", "use_cpu: false"]
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
 def write_json(path: str, obj) -> None:
     with open(path, "w") as handle:
         json.dump(obj, handle)

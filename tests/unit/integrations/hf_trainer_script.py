@@ -1,9 +1,10 @@
 """Train a tiny GPT-2 with the Hugging Face Trainer and a DeepSpeed config ("auto" values), through
 the ``deepspeed`` compatibility shim. Launched by test_hf_trainer.py under ``deepscale --num_procs 2``.
 
-Usage: hf_trainer_script.py --stage {2,3} --out DIR --result FILE [--resume CHECKPOINT_DIR]
-Rank 0 writes FILE (JSON): the logged loss of every step, the final global step, whether the
-engine is a deepspeed.DeepSpeedEngine, and a checksum of the saved model weights.
+Usage: hf_trainer_script.py --stage {2,3} --out DIR --result FILE
+Runs 10 steps (checkpoints at steps 5 and 10), then, in the same processes, a fresh Trainer that
+resumes from the step-5 checkpoint. Rank 0 writes FILE (JSON) with, for each run: the logged loss
+of every step, the global step, engine facts and a checksum of the weights ``save_model`` wrote.
 """
 import argparse
 import os
@@ -26,25 +27,17 @@ class LossRecorder(TrainerCallback):
             self.losses[state.global_step] = float(logs["loss"])
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--stage", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--result", required=True)
-    parser.add_argument("--resume", default=None)
-    parser.add_argument("--local_rank", type=int, default=-1)
-    args = parser.parse_args()
-    allow_deepspeed_on_cpu()
-
+def train(stage: int, out: str, resume=None) -> dict:
+    """One Trainer run of 10 steps (checkpoints at 5 and 10), or its continuation from ``resume``."""
     training_args = TrainingArguments(
-        output_dir=args.out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=10,
+        output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=10,
         learning_rate=3e-3, warmup_steps=2, logging_steps=1, save_steps=5, save_strategy="steps",
-        report_to=[], deepspeed=ds_config(args.stage), seed=0, dataloader_num_workers=0,
-        disable_tqdm=True, save_only_model=False)
+        report_to=[], deepspeed=ds_config(stage), seed=0, dataloader_num_workers=0, disable_tqdm=True)
     model = tiny_gpt2()  # after TrainingArguments: under ZeRO-3 this runs inside deepspeed.zero.Init
+    partitioned_at_build = any(hasattr(p, "ds_id") for p in model.parameters())
     recorder = LossRecorder()
     trainer = Trainer(model=model, args=training_args, train_dataset=TokenDataset(), callbacks=[recorder])
-    trainer.train(resume_from_checkpoint=args.resume)
+    trainer.train(resume_from_checkpoint=resume)
 
     import deepspeed
     engine = trainer.model_wrapped
@@ -55,15 +48,31 @@ def main():
         "is_engine": isinstance(engine, deepspeed.DeepSpeedEngine),
         "config_stage": engine.config.get("zero_optimization", {}).get("stage"),
         "micro_batch": engine.train_micro_batch_size_per_gpu(),
-        "zero3_enabled_in_model": any(hasattr(p, "ds_id") for p in trainer.model.parameters()),
+        "partitioned_at_build": partitioned_at_build,
     }
-    trainer.save_model(os.path.join(args.out, "final"))
+    final = os.path.join(out, "final")
+    trainer.save_model(final)
     if trainer.args.process_index == 0:
-        final = os.path.join(args.out, "final")
         weights = _load_saved_weights(final)
         result["saved_weight_sum"] = float(sum(t.double().abs().sum() for t in weights.values()))
         result["saved_weight_keys"] = len(weights)
-        write_json(args.result, result)
+        result["saved_full_shapes"] = all(t.numel() > 0 for t in weights.values())
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args()
+    allow_deepspeed_on_cpu()
+    first = train(args.stage, os.path.join(args.out, "run"))
+    resumed = train(args.stage, os.path.join(args.out, "resumed"),
+                    resume=os.path.join(args.out, "run", "checkpoint-5"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_json(args.result, {"first": first, "resumed": resumed})
 
 
 def _load_saved_weights(folder):
