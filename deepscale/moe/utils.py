@@ -84,8 +84,8 @@ def split_params_into_different_moe_groups_for_optimizer(param_groups: Union[Dic
         by_expert_group: Dict[str, List[torch.Tensor]] = {}
         for param in expert:
             by_expert_group.setdefault(str(getattr(param, "group_name", "expert")), []).append(param)
+        options = {k: v for k, v in group.items() if k != "params"}
         for expert_name, members in by_expert_group.items():
             for chunk in _chunk_by_numel(members, max_group_size):
-                expert_groups.append({**{k: v for k, v in group.items() if k != "params"}, "name": f"{name}_{expert_name}",
-                                      "moe": True, "params": chunk})
+                expert_groups.append({**options, "name": f"{name}_{expert_name}", "moe": True, "params": chunk})
     return tuple(result + expert_groups)

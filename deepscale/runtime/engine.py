@@ -15,6 +15,7 @@ from deepscale.accelerator import get_accelerator
 from deepscale.comm.topology import ParallelTopology
 from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_engine_checkpoint, resolve_checkpoint,
                                                             save_engine_checkpoint)
+from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
 from deepscale.runtime.dataloader import DeepScaleDataLoader
 from deepscale.runtime.engine_compat import EngineCompatMixin
 from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_lr_scheduler_for, build_optimizer_for,
@@ -284,6 +285,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
             logger.warning("save_checkpoint inside a gradient accumulation window: gradients accumulated so far "
                            "are not saved")
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
+        validate_checkpoint_tag(tag, self._config.checkpoint.tag_validation)
         # ZeRO-3: every rank helps gather the module weights that rank 0 writes whole.
         with getattr(self._train_opt, "module_state_context", contextlib.nullcontext)():
             save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest)

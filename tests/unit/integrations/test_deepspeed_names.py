@@ -214,3 +214,56 @@ def test_runtime_and_utils_submodules_resolve_as_attributes():
     assert callable(deepscale.utils.groups._get_data_parallel_world_size)
     with pytest.raises(AttributeError):
         deepscale.runtime.no_such_module  # noqa: B018
+
+
+# --- checkpoint tag handling ------------------------------------------------------------------
+def _tag_body(mode, tmp):
+    import torch.distributed as tdist
+    from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
+    engine, *_ = deepscale.initialize(model=make_model(), config=base_config(
+        2, 1, 2, checkpoint={"tag_validation": mode}))
+    try:
+        same = validate_checkpoint_tag("global_step0", mode)
+        try:
+            engine.save_checkpoint(tmp, tag=f"rank{tdist.get_rank()}")
+            outcome = "saved"
+        except ValueError as err:
+            outcome = str(err)
+        return same, outcome
+    finally:
+        engine.destroy()
+
+
+def test_checkpoint_tag_validation_fail_mode_refuses_rank_dependent_tags(tmp_path):
+    results = run_distributed(_tag_body, 2, args=("Fail", str(tmp_path)))
+    for same, outcome in results:
+        assert same is True
+        assert "ranks passed different tags" in outcome and "'rank0' on ranks [0]" in outcome
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_checkpoint_tag_validation_ignore_mode_skips_the_check(tmp_path):
+    from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
+    assert validate_checkpoint_tag("anything", "ignore")
+    with pytest.raises(ValueError, match="tag_validation"):
+        validate_checkpoint_tag("x", "LOUD")
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_cifar_tutorial_param_groups_train(stage):
+    # The getting-started CIFAR tutorial passes the output of the MoE splitter as model_parameters.
+    from deepscale.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    model = make_model()
+    groups = split_params_into_different_moe_groups_for_optimizer(
+        {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"})
+    engine, optimizer, *_ = deepscale.initialize(model=model, model_parameters=groups,
+                                                 config=base_config(2, 1, 1, zero_optimization={"stage": stage}))
+    try:
+        x, y = global_batch(0, 2)
+        before = [p.detach().clone() for p in model.parameters()]
+        engine.backward(engine(x, y))
+        engine.step()
+        assert engine.was_step_applied()
+        assert any(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
+    finally:
+        engine.destroy()
