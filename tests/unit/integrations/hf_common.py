@@ -34,13 +34,16 @@ class TokenDataset(torch.utils.data.Dataset):
         return {"input_ids": self.tokens[i], "labels": self.tokens[i]}
 
 
-def ds_config(stage: int) -> dict:
-    """A DeepSpeed config as Trainer users write it: batch sizes, optimizer and schedule "auto"."""
+def ds_config(stage: int, hf_optimizer: bool = False) -> dict:
+    """A DeepSpeed config as Trainer users write it: batch sizes, optimizer and schedule "auto".
+
+    With ``hf_optimizer`` the config has no optimizer and scheduler sections, so the Trainer
+    creates its own (AdamW and its linear schedule) and hands them to the engine."""
     zero = {"stage": stage, "reduce_bucket_size": "auto"}
     if stage == 3:
         zero.update({"stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto",
                      "stage3_gather_16bit_weights_on_model_save": True})
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto",
@@ -54,6 +57,9 @@ def ds_config(stage: int) -> dict:
         "zero_optimization": zero,
         "steps_per_print": 1000,
     }
+    if hf_optimizer:
+        del config["optimizer"], config["scheduler"]
+    return config
 
 
 def allow_deepspeed_on_cpu() -> None:

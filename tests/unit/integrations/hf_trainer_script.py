@@ -1,7 +1,7 @@
 """Train a tiny GPT-2 with the Hugging Face Trainer and a DeepSpeed config ("auto" values), through
 the ``deepspeed`` compatibility shim. Launched by test_hf_trainer.py under ``deepscale --num_procs 2``.
 
-Usage: hf_trainer_script.py --stage {2,3} --out DIR --result FILE
+Usage: hf_trainer_script.py --stage {2,3} --out DIR --result FILE [--hf_optimizer]
 Runs 10 steps (checkpoints at steps 5 and 10), then, in the same processes, a fresh Trainer that
 resumes from the step-5 checkpoint. Rank 0 writes FILE (JSON) with, for each run: the logged loss
 of every step, the global step, engine facts and a checksum of the weights ``save_model`` wrote.
@@ -27,12 +27,12 @@ class LossRecorder(TrainerCallback):
             self.losses[state.global_step] = float(logs["loss"])
 
 
-def train(stage: int, out: str, resume=None) -> dict:
+def train(stage: int, out: str, resume=None, hf_optimizer: bool = False) -> dict:
     """One Trainer run of 10 steps (checkpoints at 5 and 10), or its continuation from ``resume``."""
     training_args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=10,
         learning_rate=3e-3, warmup_steps=2, logging_steps=1, save_steps=5, save_strategy="steps",
-        report_to=[], deepspeed=ds_config(stage), seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        report_to=[], deepspeed=ds_config(stage, hf_optimizer), seed=0, dataloader_num_workers=0, disable_tqdm=True)
     model = tiny_gpt2()  # after TrainingArguments: under ZeRO-3 this runs inside deepspeed.zero.Init
     partitioned_at_build = any(hasattr(p, "ds_id") for p in model.parameters())
     recorder = LossRecorder()
@@ -48,6 +48,7 @@ def train(stage: int, out: str, resume=None) -> dict:
         "is_engine": isinstance(engine, deepspeed.DeepSpeedEngine),
         "config_stage": engine.config.get("zero_optimization", {}).get("stage"),
         "micro_batch": engine.train_micro_batch_size_per_gpu(),
+        "lr": engine.get_lr()[0],
         "partitioned_at_build": partitioned_at_build,
     }
     final = os.path.join(out, "final")
@@ -65,12 +66,13 @@ def main():
     parser.add_argument("--stage", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--result", required=True)
+    parser.add_argument("--hf_optimizer", action="store_true", help="no optimizer/scheduler in the DeepSpeed config")
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     allow_deepspeed_on_cpu()
-    first = train(args.stage, os.path.join(args.out, "run"))
+    first = train(args.stage, os.path.join(args.out, "run"), hf_optimizer=args.hf_optimizer)
     resumed = train(args.stage, os.path.join(args.out, "resumed"),
-                    resume=os.path.join(args.out, "run", "checkpoint-5"))
+                    resume=os.path.join(args.out, "run", "checkpoint-5"), hf_optimizer=args.hf_optimizer)
     if int(os.environ.get("RANK", "0")) == 0:
         write_json(args.result, {"first": first, "resumed": resumed})
 

@@ -16,12 +16,14 @@ pytest.importorskip("accelerate", reason="the Hugging Face Trainer needs acceler
 from _hf_helpers import HERE, REPO, free_port, run_checked, shim_env  # noqa: E402
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_trainer_trains_saves_and_resumes(shim_dir, tmp_path, stage):
+# hf_optimizer: no optimizer/scheduler sections, so the Trainer's AdamW and linear schedule go to the engine.
+@pytest.mark.parametrize("stage,hf_optimizer", [(2, False), (3, False), (3, True)])
+def test_trainer_trains_saves_and_resumes(shim_dir, tmp_path, stage, hf_optimizer):
     result_file = tmp_path / "result.json"
     run_checked([sys.executable, "-m", "deepscale.launcher", "--num_procs", "2", "--master_port", str(free_port()),
                  str(HERE / "hf_trainer_script.py"), "--stage", str(stage), "--out", str(tmp_path / "out"),
-                 "--result", str(result_file)], env=shim_env(shim_dir), cwd=REPO)
+                 "--result", str(result_file)] + (["--hf_optimizer"] if hf_optimizer else []),
+                env=shim_env(shim_dir), cwd=REPO)
     result = json.loads(result_file.read_text())
     first, resumed = result["first"], result["resumed"]
 
@@ -33,6 +35,8 @@ def test_trainer_trains_saves_and_resumes(shim_dir, tmp_path, stage):
     assert first["micro_batch"] == 2  # "auto" filled in from per_device_train_batch_size
     assert first["partitioned_at_build"] == (stage == 3)  # ZeRO-3 builds the model inside zero.Init
     assert first["saved_full_shapes"] and first["saved_weight_keys"] > 0
+    if hf_optimizer:
+        assert first["lr"] == 0.0  # the Trainer's linear schedule, stepped by the engine, ends at 0
 
     step5 = tmp_path / "out" / "run" / "checkpoint-5"
     assert (step5 / "latest").read_text().strip() == "global_step5"
