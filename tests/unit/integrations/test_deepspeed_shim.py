@@ -83,6 +83,8 @@ def test_installed_shim_aliases_deepscale(shim_dir):
     assert out["engine_alias"] and out["engine_path_alias"] and out["config_alias"] and out["pp_is_deepscale"]
     assert out["comm_is_deepscale"] and out["cpu_adam_alias"] and "WarmupLR" in out["lr_schedules"]
     assert "deepspeed.no_such_module" in out["missing"] and "deepscale.no_such_module" in out["missing"]
+    launcher = shim_dir / "bin" / "deepspeed"  # DeepSpeed's command, the deepscale launcher
+    assert launcher.is_file() and "deepscale.launcher.runner" in launcher.read_text()
     if "hf_available" in out:
         assert out["hf_available"]
     if "accelerate_available" in out:
