@@ -39,6 +39,8 @@ def train(stage: int, out: str, resume=None, hf_optimizer: bool = False) -> dict
     trainer = Trainer(model=model, args=training_args, train_dataset=TokenDataset(), callbacks=[recorder])
     trainer.train(resume_from_checkpoint=resume)
 
+    eval_loss = trainer.evaluate(TokenDataset(num_samples=8, seed=1))["eval_loss"]
+
     import deepspeed
     engine = trainer.model_wrapped
     result = {
@@ -50,6 +52,7 @@ def train(stage: int, out: str, resume=None, hf_optimizer: bool = False) -> dict
         "micro_batch": engine.train_micro_batch_size_per_gpu(),
         "lr": engine.get_lr()[0],
         "partitioned_at_build": partitioned_at_build,
+        "eval_loss": eval_loss,
     }
     final = os.path.join(out, "final")
     trainer.save_model(final)

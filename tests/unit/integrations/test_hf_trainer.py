@@ -48,3 +48,5 @@ def test_trainer_trains_saves_and_resumes(shim_dir, tmp_path, stage, hf_optimize
     for step, loss in resumed["losses"].items():
         assert loss == pytest.approx(first["losses"][step], rel=1e-5, abs=1e-6), step
     assert resumed["saved_weight_sum"] == pytest.approx(first["saved_weight_sum"], rel=1e-6)
+    assert math.isfinite(first["eval_loss"])  # Trainer.evaluate through the engine
+    assert resumed["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-5)
