@@ -61,6 +61,12 @@ def train(stage: int, out: str, resume=None, hf_optimizer: bool = False) -> dict
         result["saved_weight_sum"] = float(sum(t.double().abs().sum() for t in weights.values()))
         result["saved_weight_keys"] = len(weights)
         result["saved_full_shapes"] = all(t.numel() > 0 for t in weights.values())
+        # deepspeed.utils.zero_to_fp32 on the Trainer's last checkpoint gives the same weights.
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        fp32 = get_fp32_state_dict_from_zero_checkpoint(os.path.join(out, "checkpoint-10"))
+        common = [k for k in weights if k in fp32]
+        result["zero_to_fp32_keys"] = len(common)
+        result["zero_to_fp32_matches"] = all(torch.allclose(fp32[k], weights[k].float()) for k in common)
     return result
 
 

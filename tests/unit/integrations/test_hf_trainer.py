@@ -35,6 +35,7 @@ def test_trainer_trains_saves_and_resumes(shim_dir, tmp_path, stage, hf_optimize
     assert first["micro_batch"] == 2  # "auto" filled in from per_device_train_batch_size
     assert first["partitioned_at_build"] == (stage == 3)  # ZeRO-3 builds the model inside zero.Init
     assert first["saved_full_shapes"] and first["saved_weight_keys"] > 0
+    assert first["zero_to_fp32_matches"] and first["zero_to_fp32_keys"] == first["saved_weight_keys"]
     if hf_optimizer:
         assert first["lr"] == 0.0  # the Trainer's linear schedule, stepped by the engine, ends at 0
 
