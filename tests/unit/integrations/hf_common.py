@@ -14,7 +14,7 @@ def tiny_gpt2():
     ZeRO-3 it goes through ``deepspeed.zero.Init``."""
     from transformers import AutoModelForCausalLM, GPT2Config
     config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, hidden_size=32)
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     return AutoModelForCausalLM.from_config(config)
 
 

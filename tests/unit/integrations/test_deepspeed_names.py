@@ -124,6 +124,8 @@ def test_engine_compat_surface():
         assert engine.zero_optimization() and engine.zero_optimization_partition_gradients()
         assert not engine.zero_optimization_partition_weights() and not engine.zero_gather_16bit_weights_on_model_save()
         assert engine.get_data_parallel_world_size() == 1 and engine.get_data_parallel_rank() == 0
+        assert not engine.zero_offload_optimizer() and not engine.zero_offload_param()
+        assert engine.data_parallel_group is engine.dp_group
         assert not engine.was_step_applied()
         applied = []
         for micro in range(4):
