@@ -214,6 +214,8 @@ def test_runtime_and_utils_submodules_resolve_as_attributes():
     import deepscale.utils
     assert "WarmupLR" in deepscale.runtime.lr_schedules.VALID_LR_SCHEDULES
     assert callable(deepscale.utils.groups._get_data_parallel_world_size)
+    from deepscale.runtime.zero import GatheredParameters, Init  # DeepSpeed's deepspeed.runtime.zero path
+    assert GatheredParameters is deepscale.zero.GatheredParameters and Init is deepscale.zero.Init
     with pytest.raises(AttributeError):
         deepscale.runtime.no_such_module  # noqa: B018
 
