@@ -8,6 +8,7 @@ installed the tests that need the shim skip (it refuses to run next to one).
 """
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,8 +30,11 @@ def shim_dir(tmp_path_factory):
         pytest.skip("a real DeepSpeed is installed in this environment (" + "; ".join(found) + "); the shim "
                     "refuses to run next to it, by design")
     target = tmp_path_factory.mktemp("deepspeed_shim")
+    # Build from a copy: setuptools leaves build/ and *.egg-info next to the sources it builds.
+    source = tmp_path_factory.mktemp("deepspeed_shim_src") / "deepspeed-shim"
+    shutil.copytree(SHIM_SOURCE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     base = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
-            "--target", str(target), str(SHIM_SOURCE)]
+            "--target", str(target), str(source)]
     # Without build isolation first (no network); with it if this environment lacks setuptools/wheel.
     for extra in (["--no-build-isolation"], []):
         proc = subprocess.run(base[:4] + extra + base[4:], capture_output=True, text=True, timeout=300,
