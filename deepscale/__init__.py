@@ -18,11 +18,15 @@ _LAZY_ATTRIBUTES = {
     "add_config_arguments": "deepscale.launcher.config_arguments",
     "DeepScaleEngine": "deepscale.runtime.engine",
     "DeepScaleConfig": "deepscale.config",
+    # DeepSpeed's names for the same classes (integrations import them from the top level).
+    "DeepSpeedEngine": "deepscale.runtime.engine",
+    "DeepSpeedConfig": "deepscale.runtime.config",
 }
-_LAZY_NAMES = {"DeepScaleEngine": "Engine"}
+_LAZY_NAMES = {"DeepScaleEngine": "Engine", "DeepSpeedEngine": "Engine"}
 # Only packages that exist: a name here that fails to import would turn a clear AttributeError
 # into a confusing ModuleNotFoundError (tests/unit/test_package_surface.py imports each one).
-_LAZY_SUBMODULES = ("accelerator", "comm", "config", "ops", "runtime", "utils", "launcher", "zero")
+_LAZY_SUBMODULES = ("accelerator", "comm", "config", "ops", "runtime", "utils", "launcher", "zero", "checkpoint",
+                    "moe", "compat")
 
 __all__ = ["__version__", "initialize", "init_distributed", "add_config_arguments"]
 

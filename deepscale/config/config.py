@@ -16,7 +16,7 @@ from deepscale.config.compression import (CompressionTrainingConfig, QuantizeTra
 from deepscale.config.describe import describe_config, summary_line
 from deepscale.config.elastic import AutotuningConfig, ElasticityConfig
 from deepscale.config.errors import describe_validation_error, find_unknown_keys
-from deepscale.config.fields import Bool, DtypeName, Float, Int
+from deepscale.config.fields import Bool, DtypeName, Float, Int, IntOrNever
 from deepscale.config.loader import describe_source, load_config_dict
 from deepscale.config.monitors import CometConfig, CSVConfig, TensorBoardConfig, WandbConfig
 from deepscale.config.optim import OptimizerConfig, SchedulerConfig
@@ -48,7 +48,7 @@ class DeepScaleConfig(ConfigSection):
     train_batch_size: Optional[Int] = None
     train_micro_batch_size_per_gpu: Optional[Int] = None
     gradient_accumulation_steps: Optional[Int] = None
-    steps_per_print: Int = Field(10, ge=1)
+    steps_per_print: IntOrNever = Field(10, ge=1)  # inf (None): never print
     wall_clock_breakdown: Bool = False
     memory_breakdown: Bool = False
     dump_state: Bool = False

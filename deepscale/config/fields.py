@@ -49,6 +49,13 @@ def _as_int(value: Any) -> int:
     raise type_error("an integer")
 
 
+def _as_int_or_never(value: Any):
+    # DeepSpeed clients write float("inf") for "never" (Accelerate does for steps_per_print).
+    if isinstance(value, float) and value == float("inf"):
+        return None
+    return _as_int(value)
+
+
 def _as_float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise type_error("a number")
@@ -73,6 +80,8 @@ def _as_str(value: Any) -> str:
 Int = Annotated[int, BeforeValidator(_as_int)]
 Float = Annotated[float, BeforeValidator(_as_float)]
 Bool = Annotated[bool, BeforeValidator(_as_bool)]
+# An interval where infinity means "never"; stored as None.
+IntOrNever = Annotated[Optional[int], BeforeValidator(_as_int_or_never)]
 Str = Annotated[str, BeforeValidator(_as_str)]
 
 

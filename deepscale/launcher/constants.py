@@ -19,6 +19,8 @@ EXPORT_ENV_PREFIXES = ("NCCL_", "PYTHON", "CUDA_", "OMP_", "MKL_", "GLOO_", "TOR
 EXPORT_ENV_EXCLUDE = ("CUDA_VISIBLE_DEVICES", "DEEPSCALE_ENV_FILE", "DEEPSCALE_SSH_ARGS",
                       "DEEPSCALE_CONTROLLER_ADDR", "DEEPSCALE_CONTROLLER_PORT")
 ENV_FILE_NAMES = (".deepscale_env", ".deepspeed_env")
+# DeepSpeed's name for the env file (Accelerate imports it to write exports for multi-node jobs).
+DEEPSPEED_ENVIRONMENT_NAME = ENV_FILE_NAMES[1]
 ENV_FILE_VAR = "DEEPSCALE_ENV_FILE"
 
 # Extra ssh options for every ssh-based launcher (ssh, pdsh, OpenMPI, MPICH).

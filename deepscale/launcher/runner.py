@@ -13,7 +13,9 @@ import sys
 from typing import List, Optional
 
 from deepscale.launcher.arguments import parse_args
-from deepscale.launcher.constants import CONTROLLER_PORT_VAR, DEFAULT_PID_DIR, PID_DIR_VAR
+# DEEPSPEED_ENVIRONMENT_NAME: DeepSpeed clients (Accelerate) import it from here.
+from deepscale.launcher.constants import (CONTROLLER_PORT_VAR, DEEPSPEED_ENVIRONMENT_NAME,  # noqa: F401
+                                         DEFAULT_PID_DIR, PID_DIR_VAR)
 from deepscale.launcher.job_plan import JobPlan, local_dry_run_lines, plan_job
 from deepscale.launcher.launch import NodeOptions, run_node
 from deepscale.launcher.output import format_tail

@@ -15,7 +15,9 @@ from deepscale.accelerator import get_accelerator
 from deepscale.comm.topology import ParallelTopology
 from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_engine_checkpoint, resolve_checkpoint,
                                                             save_engine_checkpoint)
+from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
 from deepscale.runtime.dataloader import DeepScaleDataLoader
+from deepscale.runtime.engine_compat import EngineCompatMixin
 from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_lr_scheduler_for, build_optimizer_for,
                                             build_loss_scaler_for, cast_floating_inputs, reducer_dtypes,
                                             stage0_bucket_numel)
@@ -30,7 +32,7 @@ _COUNTER_NAMES = ("global_steps", "global_samples", "skipped_steps", "micro_step
 _LOADER_STATE_KEY = "__deepscale_training_dataloader__"
 
 
-class Engine(torch.nn.Module):
+class Engine(EngineCompatMixin, torch.nn.Module):
     """Trains a user's ``nn.Module`` with data parallelism and mixed precision.
 
     Built by :func:`deepscale.initialize`; see its docstring for the arguments. The wrapped
@@ -95,11 +97,7 @@ class Engine(torch.nn.Module):
             self.dp_rank = dist.get_rank(dp_group)
         self.topology = ParallelTopology(dp=self.dp_world_size, world_size=None)
 
-    # --- configuration accessors ----------------------------------------------------------
-    @property
-    def config(self):
-        return self._config
-
+    # --- configuration accessors (engine.config, the plain dict, is in engine_compat.py) ----
     def train_batch_size(self) -> int:
         return self._config.train_batch_size
 
@@ -248,8 +246,9 @@ class Engine(torch.nn.Module):
                                "step that should apply the accumulated gradients")
         self._reporter.start("step")
         boundary = self.is_gradient_accumulation_boundary()
+        self._step_applied = False
         if boundary:
-            applied = self._train_opt.step()
+            applied = self._step_applied = self._train_opt.step()
             if applied:
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step(**(lr_kwargs or {}))
@@ -292,6 +291,7 @@ class Engine(torch.nn.Module):
             logger.warning("save_checkpoint inside a gradient accumulation window: gradients accumulated so far "
                            "are not saved")
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
+        validate_checkpoint_tag(tag, self._config.checkpoint.tag_validation)
         if self.training_dataloader is not None:
             client_state = {**(client_state or {}), _LOADER_STATE_KEY: self.training_dataloader.state_dict()}
         # ZeRO-3: every rank helps gather the module weights that rank 0 writes whole.
@@ -373,3 +373,6 @@ class Engine(torch.nn.Module):
     def destroy(self) -> None:
         """Remove the engine's hooks from the model and free its buffers."""
         self._train_opt.destroy()
+
+
+DeepSpeedEngine = Engine  # DeepSpeed's name: `deepspeed.runtime.engine.DeepSpeedEngine` type checks

@@ -51,6 +51,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                          "config instead")
     dist.init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required,
                           verbose=False)
+    if mpu is not None:
+        from deepscale.utils import groups
+        groups.mpu = mpu  # DeepSpeed clients ask deepscale.utils.groups for the data-parallel group
     from deepscale.config import DeepScaleConfig
     from deepscale.runtime.engine import Engine
     dp_world_size = mpu.get_data_parallel_world_size() if mpu is not None else dist.get_world_size()

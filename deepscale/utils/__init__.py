@@ -14,7 +14,13 @@ _TENSOR_FRAGMENT_NAMES = ("safe_get_full_fp32_param", "safe_get_full_grad", "saf
 __all__ = ["logger", "log_dist", "print_rank_0", "warning_once", "RepeatingLoader", *_TENSOR_FRAGMENT_NAMES]
 
 
+# Submodules DeepSpeed clients reach as attributes (``deepspeed.utils.groups``).
+_LAZY_SUBMODULES = ("groups", "zero_to_fp32", "tensor_fragment", "timer")
+
+
 def __getattr__(name):
+    if name in _LAZY_SUBMODULES:
+        return importlib.import_module(f"deepscale.utils.{name}")
     if name in _TENSOR_FRAGMENT_NAMES:
         value = getattr(importlib.import_module("deepscale.utils.tensor_fragment"), name)
         globals()[name] = value

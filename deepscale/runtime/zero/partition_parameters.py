@@ -20,6 +20,11 @@ from typing import Dict, Optional
 import torch
 
 from deepscale import comm as dist
+from deepscale.accelerator import get_accelerator  # noqa: F401  (DeepSpeed clients read pp.get_accelerator)
+# Looked up by name at every Init.__enter__, so callers may replace it here (see constructors.py).
+from deepscale.runtime.zero.stage3.constructors import (_orig_torch_arange, patch_fp_constructors,  # noqa: F401
+                                                        restore_fp_constructors,
+                                                        zero_wrapper_for_fp_tensor_constructor)
 from deepscale.runtime.zero.stage3.hooks import EXTERNAL_PARAMS_ATTR
 from deepscale.runtime.zero.stage3.states import ZeroParamStatus
 from deepscale.runtime.zero.stage3.zero_param import (broadcast_full, gather_param, is_zero_param, partition_param,
@@ -38,9 +43,10 @@ def _config_dtype(config_dict_or_path) -> Optional[torch.dtype]:
     if not isinstance(config_dict_or_path, dict):
         raise TypeError(f"zero.Init(config_dict_or_path=...) must be a dict or a JSON file path, got "
                         f"{type(config_dict_or_path).__name__}")
-    if (config_dict_or_path.get("fp16") or {}).get("enabled"):
+    # `is True`: an unfilled "auto" (Hugging Face configs) does not enable a 16-bit dtype.
+    if (config_dict_or_path.get("fp16") or {}).get("enabled") is True:
         return torch.float16
-    if ((config_dict_or_path.get("bf16") or config_dict_or_path.get("bfloat16")) or {}).get("enabled"):
+    if ((config_dict_or_path.get("bf16") or config_dict_or_path.get("bfloat16")) or {}).get("enabled") is True:
         return torch.bfloat16
     return None
 
@@ -69,7 +75,9 @@ class Init:
         config_dict_or_path: a DeepSpeed config (dict or JSON path); fp16/bf16 set the dtype.
         config: alias of ``config_dict_or_path``.
         enabled: False makes the context a no-op. Default True.
-        dtype: dtype of the partitioned parameters. Default: from the config, else unchanged.
+        dtype: dtype of the partitioned parameters, and of floating tensors the torch factories
+            create inside the context (see stage3/constructors.py). Default: from the config
+            (``bf16.enabled``/``fp16.enabled`` true), else unchanged.
         mpu: a model-parallel unit providing ``get_data_parallel_group()``.
     """
 
@@ -83,6 +91,7 @@ class Init:
                              "accelerator; parameter offload to NVMe is not built")
         self.dtype = dtype or _config_dtype(config_dict_or_path if config_dict_or_path is not None else config)
         self._patched, self._depth, self._saved_apply, self._saved_init_subclass = [], {}, None, None
+        self._saved_constructors = None
         if not self.enabled:
             return
         if not dist.is_initialized():
@@ -143,6 +152,9 @@ class Init:
         torch.nn.Module.__init_subclass__ = classmethod(init_subclass)
         self._saved_apply = torch.nn.Module.apply
         torch.nn.Module.apply = _gathering_apply
+        if self.dtype is not None:
+            self._saved_constructors = patch_fp_constructors(zero_wrapper_for_fp_tensor_constructor, self.dtype,
+                                                             target_device=None)
         return self
 
     def __exit__(self, *exc):
@@ -156,6 +168,9 @@ class Init:
         else:
             torch.nn.Module.__init_subclass__ = self._saved_init_subclass
         torch.nn.Module.apply = self._saved_apply
+        if self._saved_constructors is not None:
+            restore_fp_constructors(self._saved_constructors)
+            self._saved_constructors = None
         return False
 
 

@@ -1,0 +1,1 @@
+"""Compatibility layers for DeepSpeed clients (the ``deepspeed`` import alias used by the shim)."""
