@@ -21,4 +21,4 @@ def model_parallel_cuda_manual_seed(seed: int) -> None:
 
 __all__ = ["configure", "is_configured", "reset", "checkpoint", "non_reentrant_checkpoint", "CheckpointFunction",
            "get_cuda_rng_tracker", "model_parallel_cuda_manual_seed", "RNGStatesTracker", "get_profile",
-           "selective_checkpoint_context", "MATMUL_OPS", "unconfigure"]
+           "selective_checkpoint_context", "MATMUL_OPS", "settings", "unconfigure"]

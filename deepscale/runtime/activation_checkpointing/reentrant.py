@@ -39,6 +39,7 @@ class _Call(CallState):
     out_others = None
     num_out_tensors = 0
     num_inputs = 0
+    params = ()
 
 
 class CheckpointFunction(torch.autograd.Function):
@@ -55,15 +56,14 @@ class CheckpointFunction(torch.autograd.Function):
         call.out_others = [_TENSOR if isinstance(x, torch.Tensor) else x for x in flat]
         call.num_out_tensors = len(out_tensors)
         ctx.call = call
-        ctx.save_for_backward(*tensors[call.num_inputs:])
+        # Kept by reference, not save_for_backward: an enclosing non-reentrant checkpoint's hooks
+        # would hand back detached copies, which the recomputed graph does not use.
+        call.params = tensors[call.num_inputs:]
         ctx.mark_non_differentiable(*[t for t in out_tensors if not t.is_floating_point()])
         return tuple(out_tensors)
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        if not torch.autograd._is_checkpoint_valid():
-            raise RuntimeError("deepscale.checkpointing.checkpoint (reentrant) does not work with "
-                               "torch.autograd.grad() or backward(inputs=...); use non_reentrant_checkpoint")
         call = ctx.call
         args, kwargs, leaves = call.inputs.restore()
         with boundary("recompute"), call.replay():
@@ -74,7 +74,7 @@ class CheckpointFunction(torch.autograd.Function):
                                f"tensors, the forward {call.num_out_tensors}; the function must be deterministic "
                                "in its control flow")
         pairs = [(o, g) for o, g in zip(out_tensors, grad_outputs) if o.requires_grad and g is not None]
-        params = ctx.saved_tensors
+        params = call.params
         targets = [t for t in list(leaves) + list(params) if t.requires_grad]
         grads = {}
         if pairs:
@@ -85,6 +85,11 @@ class CheckpointFunction(torch.autograd.Function):
                 found = torch.autograd.grad(outs, targets, gouts, allow_unused=True, retain_graph=bool(others))
                 grads = {id(t): g for t, g in zip(targets, found)}
             if others:
+                if not torch.autograd._is_checkpoint_valid():
+                    raise RuntimeError(
+                        "deepscale.checkpointing.checkpoint (reentrant): the checkpointed function uses parameters "
+                        "that are not its own module's, and their gradients cannot reach torch.autograd.grad() "
+                        "or backward(inputs=...); checkpoint the module itself or use non_reentrant_checkpoint")
                 torch.autograd.backward(outs, gouts, inputs=others)
         return (None, None) + tuple(grads.get(id(t)) for t in list(leaves) + list(params))
 
