@@ -59,3 +59,23 @@ def make_net(mode=None, seed: int = 3, **kwargs) -> Net:
 def batch(step: int, rank: int, size: int = 4, dim: int = DIM):
     gen = torch.Generator().manual_seed(100 * step + rank)
     return torch.randn(size, dim, generator=gen), torch.randn(size, generator=gen)
+
+
+class spy_frames:
+    """Context that records every non-reentrant checkpoint frame created inside it."""
+
+    def __enter__(self):
+        from deepscale.runtime.activation_checkpointing import non_reentrant
+        self.frames, self._cls, self._orig = [], non_reentrant._Frame, non_reentrant._Frame.__init__
+        frames, orig = self.frames, self._orig
+
+        def spy(frame, *args, **kwargs):
+            orig(frame, *args, **kwargs)
+            frames.append(frame)
+
+        self._cls.__init__ = spy
+        return self.frames
+
+    def __exit__(self, *exc):
+        self._cls.__init__ = self._orig
+        return False

@@ -8,9 +8,8 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy
 
 import deepscale.checkpointing as ckpt
-from deepscale.runtime.activation_checkpointing import non_reentrant as nr_module
 
-from _ckpt_models import Block, batch, make_net
+from _ckpt_models import Block, batch, make_net, spy_frames
 
 MODES = ("reentrant", "non_reentrant")
 
@@ -303,20 +302,10 @@ def test_partition_without_model_parallelism_is_a_noop():
             return 1
 
     ckpt.configure(_MPU(), partition_activations=True)
-    frames = []
-    original = nr_module._Frame.__init__
-
-    def spy(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        frames.append(self)
-
-    nr_module._Frame.__init__ = spy
-    try:
+    with spy_frames() as frames:
         x, y = batch(0, 0)
         _, ref = _grads(make_net(None), x, y)
         _, got = _grads(make_net("non_reentrant"), x, y)
-    finally:
-        nr_module._Frame.__init__ = original
     assert all(not s.partitioned for f in frames for s in f.inputs.saved)
     for name in ref:
         assert torch.equal(got[name], ref[name])
