@@ -62,11 +62,11 @@ def batch(step: int, rank: int, size: int = 4, dim: int = DIM):
 
 
 class spy_frames:
-    """Context that records every non-reentrant checkpoint frame created inside it."""
+    """Context that records every checkpoint call (reentrant or not) created inside it."""
 
     def __enter__(self):
-        from deepscale.runtime.activation_checkpointing import non_reentrant
-        self.frames, self._cls, self._orig = [], non_reentrant._Frame, non_reentrant._Frame.__init__
+        from deepscale.runtime.activation_checkpointing.call_state import CallState
+        self.frames, self._cls, self._orig = [], CallState, CallState.__init__
         frames, orig = self.frames, self._orig
 
         def spy(frame, *args, **kwargs):
