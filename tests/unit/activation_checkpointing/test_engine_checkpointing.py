@@ -1,7 +1,8 @@
 """Through the engine at ZeRO 0-3 on 2 gloo ranks, checkpointing changes nothing bitwise:
 losses, global gradient norms and parameters equal those without checkpointing (fp32, fixed
-seeds, dropout on; with gradient accumulation at stages 2 and 3) for reentrant and non-reentrant checkpoints, with a frozen layer, a layer
-shared across the checkpoint boundary and a first checkpoint whose input needs no grad."""
+seeds, dropout on; gradient accumulation too at stages 2 and 3) for reentrant and
+non-reentrant checkpoints, with a frozen layer, a layer shared across the checkpoint boundary
+and a first checkpoint whose input needs no grad."""
 import pytest
 import torch
 
