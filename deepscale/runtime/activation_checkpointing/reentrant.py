@@ -12,15 +12,22 @@ Note: parameters used inside and outside the checkpoint. A nested backward accum
 gradients of the parameters it reaches on its own, so a parameter also used outside the
 checkpoint (tied embeddings, a shared layer) would receive two separate accumulations in one
 backward and its post-accumulate-grad hook would fire twice; data-parallel reducers that launch
-a bucket once all its parameters reported would then reduce it early and miss a part. So the
-parameters of ``function`` (when it is a module or a module's method) are passed to the Function
-as inputs: their gradients are computed with ``torch.autograd.grad`` and returned to the outer
-graph, which accumulates them once, together with the other uses, as without checkpointing.
-Parameters found only during the recomputation (a closure over another module) get a nested
-backward. ZeRO-3 parameters that are still partitioned when the checkpoint starts cannot be
-Function inputs (autograd would record their empty placeholder shape and refuse the full
-gradient), so a module holding them is checkpointed by :func:`non_reentrant_checkpoint`, which
-gives the same gradients with one accumulation per parameter.
+a bucket once all its parameters reported would then reduce it early and miss a part. So
+``checkpoint`` runs the function first (without recording) under a global module forward
+pre-hook that notes every module it calls - the function may be a module, a method or a closure
+over several layers, as in Megatron - and passes their trainable parameters to the Function as
+inputs; the backward computes their gradients with ``torch.autograd.grad`` and returns them to
+the outer graph, which accumulates them once, together with the other uses, as without
+checkpointing. Tensors used without a module call (a bare ``nn.Parameter`` in a closure) get a
+nested backward. ZeRO-3 parameters are partitioned again after the run and cannot be Function
+inputs (autograd would record their empty placeholder shape and refuse the full gradient), so
+such a function is run by :func:`non_reentrant_checkpoint` from the same RNG states (same
+outputs, one accumulation per parameter); its code object is remembered so later calls go
+there directly.
+
+Note: enclosing non-reentrant checkpoints. The parameters are kept on the call object, not with
+``save_for_backward``: an enclosing non-reentrant checkpoint's hooks would hand back detached
+copies, which the recomputed graph does not use.
 """
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -35,6 +42,7 @@ _TENSOR = object()  # marks where an output tensor goes back
 class _Call(CallState):
     """A reentrant call: also remembers how to rebuild the outputs around their tensors."""
 
+    outputs = None
     out_spec = None
     out_others = None
     num_out_tensors = 0
@@ -43,22 +51,15 @@ class _Call(CallState):
 
 
 class CheckpointFunction(torch.autograd.Function):
-    """``forward(ctx, call, dummy, *tensors)``: runs ``call.function`` without recording and
-    returns the tensor leaves of its output; ``backward`` recomputes and backpropagates."""
+    """``forward(ctx, call, dummy, *tensors, *params)``: returns the output tensors of the run that
+    :func:`checkpoint` made; ``backward`` recomputes and backpropagates."""
 
     @staticmethod
     def forward(ctx, call: _Call, dummy, *tensors):
-        args, kwargs = _rebuild(call, tensors[:call.num_inputs])
-        with boundary("forward"):
-            outputs = call.function(*args, **kwargs)
-        flat, call.out_spec = tree_flatten(outputs)
-        out_tensors = [x for x in flat if isinstance(x, torch.Tensor)]
-        call.out_others = [_TENSOR if isinstance(x, torch.Tensor) else x for x in flat]
-        call.num_out_tensors = len(out_tensors)
+        # The function already ran in checkpoint() (to find the modules it calls); only its
+        # output tensors pass through here so that autograd connects them to this node.
+        out_tensors, call.outputs = call.outputs, None
         ctx.call = call
-        # Kept by reference, not save_for_backward: an enclosing non-reentrant checkpoint's hooks
-        # would hand back detached copies, which the recomputed graph does not use.
-        call.params = tensors[call.num_inputs:]
         ctx.mark_non_differentiable(*[t for t in out_tensors if not t.is_floating_point()])
         return tuple(out_tensors)
 
@@ -87,9 +88,10 @@ class CheckpointFunction(torch.autograd.Function):
             if others:
                 if not torch.autograd._is_checkpoint_valid():
                     raise RuntimeError(
-                        "deepscale.checkpointing.checkpoint (reentrant): the checkpointed function uses parameters "
-                        "that are not its own module's, and their gradients cannot reach torch.autograd.grad() "
-                        "or backward(inputs=...); checkpoint the module itself or use non_reentrant_checkpoint")
+                        "deepscale.checkpointing.checkpoint (reentrant): the checkpointed function uses tensors that "
+                        "require grad outside any module call (e.g. a bare nn.Parameter in a closure); their "
+                        "gradients cannot reach torch.autograd.grad() or backward(inputs=...). Wrap them in a "
+                        "module or use non_reentrant_checkpoint")
                 torch.autograd.backward(outs, gouts, inputs=others)
         return (None, None) + tuple(grads.get(id(t)) for t in list(leaves) + list(params))
 
@@ -114,22 +116,43 @@ def _module_of(function):
     return module if isinstance(module, torch.nn.Module) else None
 
 
-def _has_partitioned_params(function) -> bool:
+def _is_partitioned(param) -> bool:
+    return param.shape != getattr(param, "ds_shape", param.shape)
+
+
+# Code objects of functions found to run modules with ZeRO-3 partitioned parameters.
+_PARTITIONED_CODE = set()
+
+
+def _runs_partitioned_params(function) -> bool:
     module = _module_of(function)
-    return module is not None and any(p.shape != getattr(p, "ds_shape", p.shape) for p in module.parameters())
+    if module is not None:
+        return any(_is_partitioned(p) for p in module.parameters())
+    return getattr(function, "__code__", None) in _PARTITIONED_CODE
 
 
-def _module_params(function):
-    """Trainable parameters of ``function`` (a module or a bound method of one) that are whole now."""
-    module = _module_of(function)
-    return [] if module is None else [p for p in module.parameters() if p.requires_grad]
+class _ModulesRun:
+    """Records every module whose forward starts inside the context (a global pre-hook)."""
 
+    def __enter__(self):
+        self.modules = {}
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._seen)
+        return self
 
-def _rebuild(call: _Call, tensors):
-    flat = list(call.inputs.others)
-    for position, tensor in zip(call.inputs.tensor_positions, tensors):
-        flat[position] = tensor
-    return tree_unflatten(flat, call.inputs.spec)
+    def _seen(self, module, args):
+        self.modules[id(module)] = module
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+    def trainable_params(self, exclude_ids):
+        found = {}
+        for module in self.modules.values():
+            for param in module.parameters():
+                if param.requires_grad and id(param) not in exclude_ids:
+                    found[id(param)] = param
+        return list(found.values())
 
 
 def checkpoint(function, *args, **kwargs):
@@ -139,7 +162,8 @@ def checkpoint(function, *args, **kwargs):
     across the model-parallel group with ``partition_activations``). CPU, accelerator and
     model-parallel RNG states are replayed, so dropout masks in the recomputation are the same.
     Arguments and outputs may be nested tuples, lists and dicts holding tensors and other values.
-    Parameters inside ``function`` get their gradients even when no tensor input requires grad.
+    Parameters inside ``function`` get their gradients even when no tensor input requires grad,
+    accumulated once per backward even when they are also used outside the checkpoint.
 
     Args:
         function: the callable to checkpoint (a module or any function).
@@ -149,24 +173,41 @@ def checkpoint(function, *args, **kwargs):
         What ``function`` returns.
 
     Raises:
-        RuntimeError: in backward, when used under ``torch.autograd.grad`` (use
-            :func:`non_reentrant_checkpoint`) or when the recomputation returns a different number
-            of tensors.
+        RuntimeError: in backward, under ``torch.autograd.grad`` when the function uses tensors that
+            require grad outside any module call (use :func:`non_reentrant_checkpoint`), or when the
+            recomputation returns a different number of tensors.
     """
     if not torch.is_grad_enabled():
         return function(*args, **kwargs)
-    if _has_partitioned_params(function):
-        note_once("reentrant_zero3", "activation checkpointing: checkpoint() of a module with ZeRO-3 partitioned "
-                  "parameters runs the non-reentrant implementation (same gradients, one accumulation each)")
-        return non_reentrant_checkpoint(function, *args, **kwargs)
+    if _runs_partitioned_params(function):
+        return _non_reentrant_for_zero3(function, args, kwargs)
     call = _Call(function, args, kwargs)
+    with torch.no_grad(), boundary("forward"), _ModulesRun() as run:
+        outputs = function(*args, **kwargs)
     tensors = call.inputs.tensors(args, kwargs)
     call.num_inputs = len(tensors)
-    input_ids = {id(t) for t in tensors}
-    params = [p for p in _module_params(function) if id(p) not in input_ids]
+    params = run.trainable_params({id(t) for t in tensors})
+    if any(_is_partitioned(p) for p in params):
+        # ZeRO-3 released them during the run: they cannot be Function inputs. Run again from the
+        # same RNG states without reentrancy (same outputs); remembered for the next calls.
+        if getattr(function, "__code__", None) is not None:
+            _PARTITIONED_CODE.add(function.__code__)
+        call.rng.restore()
+        return _non_reentrant_for_zero3(function, args, kwargs)
+    flat, call.out_spec = tree_flatten(outputs)
+    call.outputs = [x for x in flat if isinstance(x, torch.Tensor)]
+    call.out_others = [_TENSOR if isinstance(x, torch.Tensor) else x for x in flat]
+    call.num_out_tensors = len(call.outputs)
     needs_dummy = not any(t.requires_grad for t in tensors) and not params
     dummy = torch.empty(0, requires_grad=True) if needs_dummy else None
+    call.params = tuple(params)  # see the note on enclosing non-reentrant checkpoints
     out_tensors = CheckpointFunction.apply(call, dummy, *tensors, *params)
     iterator = iter(out_tensors)
     flat = [next(iterator) if other is _TENSOR else other for other in call.out_others]
     return tree_unflatten(flat, call.out_spec)
+
+
+def _non_reentrant_for_zero3(function, args, kwargs):
+    note_once("reentrant_zero3", "activation checkpointing: checkpoint() of modules with ZeRO-3 partitioned "
+              "parameters runs the non-reentrant implementation (same gradients, one accumulation each)")
+    return non_reentrant_checkpoint(function, *args, **kwargs)

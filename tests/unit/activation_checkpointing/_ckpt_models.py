@@ -43,6 +43,8 @@ class Net(torch.nn.Module):
         for block in self.blocks:
             if self.mode == "reentrant":
                 x = ckpt.checkpoint(block, x)
+            elif self.mode == "reentrant_closure":  # Megatron style: a function calling layers
+                x = ckpt.checkpoint(lambda t, b=block: b(t), x)
             elif self.mode == "non_reentrant":
                 x = ckpt.non_reentrant_checkpoint(block, x)
             else:

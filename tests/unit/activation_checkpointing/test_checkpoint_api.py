@@ -125,9 +125,14 @@ def test_reentrant_under_autograd_grad():
     got = torch.autograd.grad(ckpt.checkpoint(block, x).sum(), [x, block.fc2.weight])
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     assert block.fc2.weight.grad is None, "autograd.grad must not accumulate into .grad"
-    # A closure over a module's parameters cannot hand them to autograd.grad: a clear error.
+    # A closure over a module works the same; one over a bare parameter cannot hand its
+    # gradient to autograd.grad: a clear error.
+    torch.manual_seed(3)
+    got = torch.autograd.grad(ckpt.checkpoint(lambda t: block(t), x).sum(), [x, block.fc2.weight])
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    weight = torch.nn.Parameter(torch.randn(8, 8))
     with pytest.raises(RuntimeError, match="non_reentrant_checkpoint"):
-        torch.autograd.grad(ckpt.checkpoint(lambda t: block(t), x).sum(), [x])
+        torch.autograd.grad(ckpt.checkpoint(lambda t: t @ weight, x).sum(), [x])
 
 
 def test_non_deterministic_control_flow_is_reported():

@@ -53,7 +53,7 @@ def _train(stage: int, mode, gas: int = 1):
 
 def _body(stage: int, gas: int = 1):
     import deepscale.checkpointing as ckpt
-    results = {mode: _train(stage, mode, gas) for mode in (None, "reentrant", "non_reentrant")}
+    results = {mode: _train(stage, mode, gas) for mode in (None, "reentrant", "reentrant_closure", "non_reentrant")}
     configured = ckpt.is_configured()
     ckpt.unconfigure()
     return results, configured
@@ -65,7 +65,7 @@ def test_checkpointing_is_bitwise_neutral_through_the_engine(stage, gas):
         assert configured, "the engine did not configure deepscale.checkpointing from the config section"
         ref_losses, ref_norms, ref_params = results[None]
         frozen = ref_params["blocks.0.fc1.weight"]
-        for mode in ("reentrant", "non_reentrant"):
+        for mode in ("reentrant", "reentrant_closure", "non_reentrant"):
             losses, norms, params = results[mode]
             assert losses == ref_losses, (mode, losses, ref_losses)
             assert norms == ref_norms, (mode, norms, ref_norms)
