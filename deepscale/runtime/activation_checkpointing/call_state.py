@@ -12,10 +12,11 @@ from deepscale.runtime.activation_checkpointing.settings import settings, state
 
 
 def _contiguous_slot():
-    current = settings()
-    if not current.contiguous_checkpointing:
+    current, shared = settings(), state()
+    # A checkpoint nested in a recomputation lives only until that backward step ends; giving it
+    # a row would overwrite the input of a checkpoint of the forward not yet recomputed.
+    if not current.contiguous_checkpointing or shared.recompute_depth:
         return None
-    shared = state()
     if shared.slots is None or shared.slots.num_checkpoints != current.num_checkpoints:
         shared.slots = ContiguousSlots(current.num_checkpoints)
     return shared.slots.next_call()
@@ -79,5 +80,10 @@ class CallState:
     @contextlib.contextmanager
     def replay(self):
         """RNG and autocast as at the forward, gradients recorded."""
-        with self.rng.replay(), self.autocast.apply(), torch.enable_grad():
-            yield
+        shared = state()
+        shared.recompute_depth += 1
+        try:
+            with self.rng.replay(), self.autocast.apply(), torch.enable_grad():
+                yield
+        finally:
+            shared.recompute_depth -= 1

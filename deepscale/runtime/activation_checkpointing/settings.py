@@ -43,6 +43,7 @@ class _State:
     configured: bool = False
     noted: set = field(default_factory=set)
     slots: Any = None  # ContiguousSlots, created lazily by saved_inputs
+    recompute_depth: int = 0  # > 0 while a recomputation runs
     profile: Dict[str, float] = field(default_factory=lambda: {"calls": 0, "forward_s": 0.0,
                                                                "recompute_s": 0.0, "recomputes": 0})
 

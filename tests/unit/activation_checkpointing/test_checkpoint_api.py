@@ -249,6 +249,29 @@ def test_contiguous_slots_and_cpu_checkpointing_keep_gradients(mode):
             assert torch.equal(got[name], ref[name]), name
 
 
+@pytest.mark.parametrize("inner", MODES)
+def test_contiguous_slots_with_checkpoints_nested_in_a_recomputation(inner):
+    blocks = torch.nn.ModuleList([Block(8) for _ in range(2)])
+
+    def pair(x, block):
+        return _call(inner)(block, block(x))
+
+    def run():
+        x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        torch.manual_seed(4)
+        h = x
+        for block in blocks:
+            h = ckpt.non_reentrant_checkpoint(pair, h, block)
+        h.sum().backward()
+        return x.grad
+
+    ref = run()
+    # One row per forward-level call (2 outer + 2 inner); the inner calls re-made during the
+    # recomputations must not take rows.
+    ckpt.configure(None, contiguous_checkpointing=True, num_checkpoints=4)
+    assert torch.equal(run(), ref)
+
+
 def test_contiguous_slots_overwritten_before_backward_raise():
     ckpt.configure(None, contiguous_checkpointing=True, num_checkpoints=2)
     x, y = batch(2, 0)
