@@ -337,3 +337,27 @@ def test_partition_without_model_parallelism_is_a_noop():
     assert all(not s.partitioned for f in frames for s in f.inputs.saved)
     for name in ref:
         assert torch.equal(got[name], ref[name])
+
+
+def test_model_parallel_seed_differs_per_model_parallel_rank_only():
+    class _MPU:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def get_model_parallel_rank(self):
+            return self.rank
+
+        def get_model_parallel_world_size(self):
+            return 2
+
+    draws = []
+    for rank in (0, 1):
+        ckpt.configure(_MPU(rank))
+        ckpt.model_parallel_cuda_manual_seed(42)
+        with ckpt.get_cuda_rng_tracker().fork():
+            inside = torch.rand(4)
+        draws.append((inside, torch.rand(4)))
+    assert not torch.equal(draws[0][0], draws[1][0]), "model-parallel streams must differ across ranks"
+    assert torch.equal(draws[0][1], draws[1][1]), "the default stream must be the same on every rank"
+    torch.manual_seed(42)
+    assert torch.equal(draws[0][1], torch.rand(4))
