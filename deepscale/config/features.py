@@ -252,7 +252,6 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     *ZERO_KEYS_IGNORED,
     TuningOnlyKeys("aio", "the engine uses it for NVMe offload, which is not built yet (deepscale.ops.aio handles "
                           "take these keys through AioConfig.from_dict)"),
-    TuningOnlyKeys("activation_checkpointing", "deepscale.checkpointing (activation checkpointing) is not built yet"),
     TuningOnlyKeys("comms_logger", "the communication logger is not built yet"),
     TuningOnlyKeys("checkpoint", "this checkpoint option is not implemented yet"),
     TuningOnlyKeys("timers", "the throughput timer options are not implemented yet"),

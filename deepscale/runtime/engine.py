@@ -13,6 +13,7 @@ import torch
 from deepscale import comm as dist
 from deepscale.accelerator import get_accelerator
 from deepscale.comm.topology import ParallelTopology
+from deepscale.runtime.activation_checkpointing import configure as configure_checkpointing
 from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_engine_checkpoint, resolve_checkpoint,
                                                             save_engine_checkpoint)
 from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
@@ -44,6 +45,8 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         super().__init__()
         self._config = config
         self._set_topology(mpu, dp_group)
+        if "activation_checkpointing" in (getattr(config, "raw", None) or {}):
+            configure_checkpointing(mpu, deepspeed_config=config)  # as DeepSpeed: the section configures it
         self.device = get_accelerator().device(self.local_rank if get_accelerator().device_name() != "cpu" else None)
         self.global_steps = self.global_samples = self.skipped_steps = self.micro_steps = 0
         self._in_no_sync = False

@@ -1,0 +1,1 @@
+"""Tensor-parallel building blocks. ``random``: the model-parallel RNG tracker."""
