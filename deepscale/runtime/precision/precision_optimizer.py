@@ -8,10 +8,10 @@ schedules and user code that edit ``param_groups`` keep working. With fp32 model
 are the model parameters themselves and no copy is made.
 
 The step pipeline, in order: the engine puts the averaged gradients on the masters; one norm
-over all gradients gives both the overflow test (a non-finite norm) and the clipping
-coefficient (a non-finite norm skips the step at every precision); one multiply unscales and
-clips; the wrapped optimizer steps; masters are copied
-back into the model.
+over all gradients gives both the overflow test (a non-finite norm skips the step, at every
+precision) and the clipping coefficient (from the unscaled norm); one multiply unscales and
+clips; the wrapped optimizer steps; masters are copied back into the model. The stage
+optimizers drive this through ``runtime/training_optimizer.py``.
 """
 import logging
 import math
