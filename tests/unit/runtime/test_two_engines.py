@@ -151,3 +151,50 @@ def test_module_zero_grad_between_micro_steps_clears_like_pytorch():
     torch.optim.SGD(net_d.parameters(), lr=LR_D).step()
     for name, ref in _params(net_d).items():
         assert torch.equal(got[name], ref), name
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = torch.nn.Linear(DATA, 1), torch.nn.Linear(DATA, 1)
+
+    def forward(self, x, use_b: bool = False):
+        out = self.a(x)
+        return out + self.b(x) if use_b else out
+
+
+def _foreign_then_own(stage: int):
+    """A foreign backward reaches both heads and is not cleared; the engine's own backward
+    reaches head ``a`` only. As in PyTorch both gradients are summed and head ``b`` steps on the
+    foreign gradient alone."""
+    import deepscale
+    import torch.distributed as dist
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _TwoHeads()
+    cfg = {"train_batch_size": MICRO_BS * world, "train_micro_batch_size_per_gpu": MICRO_BS,
+           "steps_per_print": 1000, "zero_optimization": {"stage": stage, "reduce_bucket_size": 4}}
+    engine, _, _, _ = deepscale.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR_D),
+                                           config=cfg)
+    real, _ = _batch(0, MICRO_BS * world)
+    mine = real[rank * MICRO_BS:(rank + 1) * MICRO_BS]
+    model(mine, use_b=True).square().mean().backward()  # foreign: left in param.grad
+    engine.backward(engine(mine).mean())
+    engine.step()
+    got = _params(model)
+    engine.destroy()
+    return got
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_foreign_gradient_left_uncleared_is_accumulated_like_pytorch(stage, world):
+    model = _TwoHeads()
+    real, _ = _batch(0, MICRO_BS * world)
+    model(real, use_b=True).square().mean().backward()
+    model(real).mean().backward()
+    torch.optim.SGD(model.parameters(), lr=LR_D).step()
+    want = _params(model)
+    for got in run_distributed(_foreign_then_own, world, args=(stage,)):
+        for name, ref in want.items():
+            torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
