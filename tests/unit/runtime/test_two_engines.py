@@ -190,7 +190,7 @@ def _foreign_then_own(stage: int):
     return got
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [2])
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_foreign_gradient_left_uncleared_is_accumulated_like_pytorch(stage, world):
     model = _TwoHeads()
