@@ -58,6 +58,8 @@ class BF16Config(ConfigSection):
         immediate_grad_update: apply gradients to the fp32 master copy as soon
             as they are reduced instead of at the accumulation boundary. Default False.
         check_grad_overflow: check gradients for inf/nan before stepping. Default False.
+            Accepted for compatibility: deepscale always skips (and logs) a step whose global
+            gradient norm is not finite, at every precision.
         bf16_master_weights_and_grads: keep master weights and gradients in bf16
             (DeepSpeed allows this with ZeRO 1-3 only). Default False.
         bf16_optimizer_states: keep optimizer states in bf16 (requires

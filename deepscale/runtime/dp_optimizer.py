@@ -14,17 +14,20 @@ portable shard, ``load_shards(shards, load_optimizer_states)`` fills this rank's
 shards of a checkpoint, ``load_state_dict(shard)`` from one; ``saves_per_rank`` tells whether
 every rank writes a shard (ZeRO) or rank 0 alone (replicated state).
 
-Stage 1 and 2 live in ``runtime/zero/stage_1_and_2.py`` (``ZeroOptimizer``).
+Stage 1 and 2 live in ``runtime/zero/stage_1_and_2.py`` (``ZeroOptimizer``); the step they all
+share is :class:`~deepscale.runtime.training_optimizer.TrainingOptimizer`.
 """
 import torch
 
 from deepscale.runtime.checkpoint.portable import export_shard, fragments_of_whole_params, import_shards
 from deepscale.runtime.grad_reducer import GradientReducer
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
+from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.zero_access import WholeTensorAccess
+from deepscale.utils.logging import warning_once
 
 
-class DataParallelOptimizer:
+class DataParallelOptimizer(TrainingOptimizer):
     """ZeRO stage 0: every rank holds all states; gradients are all-reduced in buckets.
 
     Args:
@@ -33,20 +36,19 @@ class DataParallelOptimizer:
         model_dtype: dtype the model will be cast to.
         loss_scaler: loss scaler for fp16, else None.
         clip_grad: global-norm clipping threshold; 0 disables.
-        check_overflow: skip steps with inf/nan gradients.
         group, world_size: the data-parallel group.
         bucket_numel, accum_dtype, comm_dtype, predivide_factor: see :class:`GradientReducer`.
     """
 
     def __init__(self, module: torch.nn.Module, basic_optimizer, model_dtype: torch.dtype, loss_scaler,
-                 clip_grad: float, check_overflow: bool, group, world_size: int, bucket_numel: int,
+                 clip_grad: float, group, world_size: int, bucket_numel: int,
                  accum_dtype: torch.dtype, comm_dtype: torch.dtype, predivide_factor: float = 1.0):
         self.precision = None
         if basic_optimizer is not None:
             self.precision = PrecisionOptimizer(basic_optimizer, model_dtype=model_dtype, loss_scaler=loss_scaler,
-                                                clip_grad=clip_grad, check_overflow=check_overflow)
+                                                clip_grad=clip_grad)
         self._module = module
-        self._pending_cast = model_dtype if model_dtype != torch.float32 else None
+        self.group, self.world_size = group, world_size
         self.reducer = None
         self._reducer_args = dict(group=group, world_size=world_size, bucket_numel=bucket_numel,
                                   accum_dtype=accum_dtype, comm_dtype=comm_dtype, predivide_factor=predivide_factor)
@@ -62,62 +64,38 @@ class DataParallelOptimizer:
                     param._deepscale_full_access = access
 
     # --- backward -------------------------------------------------------------------------
+    grads_partitioned = False  # every rank holds the whole averaged gradient
+
     def prepare_backward(self, sync: bool) -> None:
-        self.reducer.sync_enabled = sync
-        # A param.grad left pointing into the flat buffer would make autograd accumulate into
-        # the buffer in place, and the hook would then count it twice.
-        for param in self.reducer.params:
-            param.grad = None
+        self.reducer.begin_backward(sync)
 
     def finish_backward(self, sync: bool) -> None:
-        if not sync:
-            self.reducer.end_micro_step()
-            return
-        self.reducer.finalize()
-        for param in self.reducer.params:
-            view = self.reducer.grad_view(param)
-            if self.precision is not None and self.precision.has_param(param):
-                self.precision.set_master_grad(param, view)
-            elif view.dtype == param.dtype:
-                param.grad = view
+        self.reducer.end_backward(sync)
+        self._note_backward()
 
     @property
     def has_pending_grads(self) -> bool:
         return self.reducer.has_pending_grads
 
     # --- step -----------------------------------------------------------------------------
-    def step(self) -> bool:
-        if self.precision is None:
-            raise RuntimeError("engine.step(): no optimizer was configured; pass optimizer= to initialize() or "
-                               "add an 'optimizer' section to the config")
+    def _attach_step_grads(self):
+        if self.reducer.foreign_after_sync:
+            warning_once("a backward outside engine.backward() reached this engine's parameters after its last "
+                         "engine.backward() and before engine.step(); at ZeRO stage 0 with an fp32 model its "
+                         "gradients are applied without averaging over ranks, otherwise at the next step. Clear "
+                         "them with the module's zero_grad() or run that backward before engine.backward()")
+        for param in self.reducer.params:
+            if self.precision.has_param(param):
+                self.precision.set_master_grad(param, self.reducer.grad_view(param))
         # The flat buffer holds every gradient: its norm is one reduction.
-        norm = torch.linalg.vector_norm(self.reducer.buffer, 2.0, dtype=torch.float32)
-        return self.precision.step(grad_norm=norm)
+        return [self.reducer.buffer]
 
     def zero_grad(self) -> None:
-        self.reducer.zero()
         if self.precision is not None:
             self.precision.zero_grad()
-        for param in self.reducer.params:
-            param.grad = None
+        self.reducer.zero()  # re-attaches the bucket views that precision.zero_grad dropped
 
     # --- what the engine reports ----------------------------------------------------------
-    @property
-    def loss_scale(self) -> float:
-        return self.precision.loss_scale if self.precision is not None else 1.0
-
-    @property
-    def last_grad_norm(self):
-        return self.precision.last_grad_norm if self.precision is not None else None
-
-    @property
-    def param_groups(self):
-        return self.precision.param_groups if self.precision is not None else []
-
-    @property
-    def basic_optimizer(self):
-        return self.precision.optimizer if self.precision is not None else None
-
     @property
     def user_optimizer(self):
         """The precision wrapper with fp16/bf16 masters, else the torch optimizer itself."""
@@ -183,5 +161,7 @@ class DataParallelOptimizer:
             self.reducer.remove_hooks()
             self.reducer.buffer = torch.empty(0)
             for param in self.reducer.params:
+                if param.grad is not None and param.grad is self.reducer.grad_view(param):
+                    param.grad = None  # a view into the released buffer
                 if hasattr(param, "_deepscale_full_access"):
                     del param._deepscale_full_access

@@ -63,7 +63,6 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         accum_dtype, comm_dtype = reducer_dtypes(config, model_dtype)
         train_opt_args = dict(
             model_dtype=model_dtype, loss_scaler=build_loss_scaler_for(config), clip_grad=config.gradient_clipping,
-            check_overflow=config.fp16_enabled or bool(getattr(config.bf16, "check_grad_overflow", False)),
             group=self.dp_group, world_size=self.dp_world_size,
             bucket_numel=stage0_bucket_numel(config) if config.zero_stage == 0
             else int(config.zero_optimization.reduce_bucket_size), accum_dtype=accum_dtype,

@@ -1,17 +1,28 @@
 """Data-parallel gradient averaging in buckets, overlapped with backward.
 
 Note: how gradients flow. Each trainable parameter owns a slice of one flat buffer in the
-accumulation dtype (fp32 unless configured). A post-accumulate-grad hook adds the fresh
-gradient into that slice and frees ``param.grad``, so micro-batches accumulate in full
-precision even for bf16/fp16 models. The flat buffer is cut into buckets of about
-``bucket_numel`` elements in reverse parameter order (roughly the order backward produces
-them). On the last micro-batch of an accumulation window, a bucket whose parameters have all
-reported is all-reduced asynchronously while backward goes on. Buckets are launched strictly
-in index order on every rank: ranks that see different unused parameters would otherwise
-issue collectives in different orders and mismatch. ``finalize()`` launches whatever is left
-(buckets holding parameters that got no gradient this step), waits for all and divides by the
-data-parallel size. This is the bucketing scheme of PyTorch DDP (Li et al. 2020, "PyTorch
-Distributed: Experiences on Accelerating Data Parallel Training").
+accumulation dtype (fp32 unless configured). When the parameter has that dtype (an fp32 model),
+``param.grad`` *is* its slice (a "bucket view", as DDP's ``gradient_as_bucket_view``): autograd
+accumulates micro-batches into the buffer in place and nothing is copied. Otherwise (a bf16 or
+fp16 model) a post-accumulate-grad hook adds the fresh gradient into the slice and frees
+``param.grad``, so micro-batches accumulate in full precision. The flat buffer is cut into
+buckets of about ``bucket_numel`` elements in reverse parameter order (roughly the order
+backward produces them). On the last micro-batch of an accumulation window, a bucket whose
+parameters have all reported is all-reduced asynchronously while backward goes on. Buckets are
+launched strictly in index order on every rank: ranks that see different unused parameters
+would otherwise issue collectives in different orders and mismatch. ``end_backward(sync=True)``
+launches whatever is left (buckets holding parameters that got no gradient), waits for all and
+divides by the data-parallel size. This is the bucketing scheme of PyTorch DDP (Li et al.
+2020, "PyTorch Distributed: Experiences on Accelerating Data Parallel Training").
+
+Note: whose backward it is. The hooks act only between :meth:`GradientReducer.begin_backward`
+and :meth:`GradientReducer.end_backward`, i.e. during the engine's own backward. A backward the
+user runs otherwise (a GAN's generator loss flowing through the discriminator) leaves its
+gradients where PyTorch puts them, in ``param.grad``, where they accumulate and where the
+module's ``zero_grad()`` clears them. ``begin_backward`` then takes ``param.grad`` as the
+gradient accumulated so far, exactly as autograd would add the new gradient to it: a bucket
+view that the user set to None (``zero_grad()``) restarts from zero, a foreign tensor is folded
+into the buffer.
 """
 from typing import Dict, List, Optional, Sequence
 
@@ -59,10 +70,15 @@ class GradientReducer:
         self._views: Dict[torch.nn.Parameter, torch.Tensor] = {}
         self._bucket_of: Dict[torch.nn.Parameter, _Bucket] = {}
         self.buckets = self._build_buckets(bucket_numel)
+        # Parameters whose .grad is their slice of the buffer (same dtype): autograd accumulates in place.
+        self._as_view = {p for p in self.params if p.dtype == accum_dtype}
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self.params]
-        self.sync_enabled = True  # engine sets False outside the accumulation boundary
+        self.sync_enabled = True  # this backward ends an accumulation window
+        self._armed = False  # True only during the owner's own backward
         self._next_to_launch = 0
         self._pending = False  # a backward has written into the buffer since the last finalize
+        self._synced = False  # the buffer holds averaged gradients not yet stepped on
+        self.foreign_after_sync = False  # another backward touched the parameters after the average
 
     # --- layout ---------------------------------------------------------------------------
     def _build_buckets(self, bucket_numel: int) -> List[_Bucket]:
@@ -87,12 +103,54 @@ class GradientReducer:
         return self._views[param]
 
     # --- backward -------------------------------------------------------------------------
+    @torch.no_grad()
+    def begin_backward(self, sync: bool) -> None:
+        """Arm the hooks for the owner's backward; take ``param.grad`` as the gradient so far.
+
+        Args:
+            sync: this backward ends the accumulation window (all-reduce during it).
+        """
+        self.sync_enabled = sync
+        for param in self.params:
+            grad, view = param.grad, self._views[param]
+            if param in self._as_view:
+                if grad is view:
+                    continue
+                if grad is None:
+                    view.zero_()  # the user cleared it (module.zero_grad())
+                else:
+                    view.copy_(grad)
+                    self._pending = True
+                param.grad = view
+            elif grad is not None:
+                view.add_(grad)  # produced by another backward: accumulate it as autograd would
+                param.grad = None
+                self._pending = True
+        self._armed = True
+
+    def end_backward(self, sync: bool) -> None:
+        """Disarm the hooks; on ``sync`` finish the all-reduce of every bucket and average."""
+        self._armed = False
+        if sync:
+            self.finalize()
+        else:
+            self.end_micro_step()
+
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        if not self._armed:
+            self.foreign_after_sync = self.foreign_after_sync or self._synced
+            return
         grad = param.grad
         if grad is None:
             return
-        self._views[param].add_(grad)
-        param.grad = None
+        view = self._views[param]
+        if param in self._as_view:
+            if grad is not view:  # e.g. create_graph=True accumulates out of place
+                view.copy_(grad)
+                param.grad = view
+        else:
+            view.add_(grad)
+            param.grad = None
         self._pending = True
         bucket = self._bucket_of[param]
         bucket.num_ready += 1
@@ -116,7 +174,7 @@ class GradientReducer:
         self._next_to_launch = bucket.index + 1
 
     def finalize(self) -> None:
-        """Finish the all-reduce of every bucket and average; call after the boundary backward."""
+        """Finish the all-reduce of every bucket and average (``end_backward(sync=True)`` calls it)."""
         if self.world_size > 1:
             for bucket in self.buckets[self._next_to_launch:]:
                 self._launch(bucket)
@@ -130,6 +188,7 @@ class GradientReducer:
                 bucket.handle = bucket.comm_tensor = None
         self._reset_counters()
         self._pending = False
+        self._synced = True
 
     def end_micro_step(self) -> None:
         """Forget per-backward readiness after a non-boundary backward (no communication)."""
@@ -145,10 +204,12 @@ class GradientReducer:
         return self._pending
 
     def zero(self) -> None:
-        """Clear the accumulated gradients."""
+        """Clear the accumulated gradients (bucket views stay attached as ``param.grad``)."""
         self.buffer.zero_()
+        for param in self._as_view:
+            param.grad = self._views[param]
         self._reset_counters()
-        self._pending = False
+        self._pending = self._synced = self.foreign_after_sync = False
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:

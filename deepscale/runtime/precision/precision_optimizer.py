@@ -8,16 +8,18 @@ schedules and user code that edit ``param_groups`` keep working. With fp32 model
 are the model parameters themselves and no copy is made.
 
 The step pipeline, in order: the engine puts the averaged gradients on the masters; one norm
-over all gradients gives both the overflow test (a non-finite norm) and the clipping
-coefficient; one multiply unscales and clips; the wrapped optimizer steps; masters are copied
-back into the model.
+over all gradients gives both the overflow test (a non-finite norm skips the step, at every
+precision) and the clipping coefficient (from the unscaled norm); one multiply unscales and
+clips; the wrapped optimizer steps; masters are copied back into the model. The stage
+optimizers drive this through ``runtime/training_optimizer.py``.
 """
+import logging
 import math
 from typing import Dict, List, Optional
 
 import torch
 
-
+from deepscale.utils.logging import log_dist
 
 class PrecisionOptimizer:
     """Drives one optimizer step with mixed precision, loss scaling and clipping.
@@ -27,19 +29,16 @@ class PrecisionOptimizer:
         model_dtype: dtype the model parameters will be stored in (float32, float16, bfloat16).
         loss_scaler: a loss scaler (``loss_scale``, ``update_scale(overflow)``) or None.
         clip_grad: max global gradient norm; 0 disables clipping. Default 0.
-        check_overflow: skip steps whose gradients hold inf/nan. Default: on when a loss
-            scaler is given.
 
     Must be built while the model parameters are still fp32 so masters keep full precision.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model_dtype: torch.dtype = torch.float32,
-                 loss_scaler=None, clip_grad: float = 0.0, check_overflow: Optional[bool] = None):
+                 loss_scaler=None, clip_grad: float = 0.0):
         self.optimizer = optimizer
         self.model_dtype = model_dtype
         self.loss_scaler = loss_scaler
         self.clip_grad = float(clip_grad or 0.0)
-        self.check_overflow = loss_scaler is not None if check_overflow is None else check_overflow
         self.uses_master_copies = model_dtype != torch.float32
         self.model_params: List[torch.nn.Parameter] = []
         self.master_params: List[torch.Tensor] = []
@@ -109,29 +108,36 @@ class PrecisionOptimizer:
         return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
 
     def step(self, grad_norm: Optional[torch.Tensor] = None) -> bool:
-        """Unscale, clip, check overflow and step. Returns True if the step was applied.
+        """Unscale, clip, check the norm and step. Returns True if the step was applied.
+
+        A non-finite norm (an inf or nan anywhere in the gradients) skips the step at every
+        precision and says so: fp16 also backs its loss scale off; fp32 and bf16 change no scale.
 
         Args:
-            grad_norm: the norm of the (still loss-scaled) master gradients if the caller
-                already knows it (e.g. from a flat buffer); computed here otherwise.
+            grad_norm: the global norm of the (still loss-scaled) master gradients if the
+                caller already knows it (e.g. over all ranks); computed here otherwise.
         """
         grads = self._master_grads()
         scale = self.loss_scale
         if grad_norm is None:
             grad_norm = self.compute_grad_norm(grads)
         self._grad_norm = grad_norm.detach() / scale
-        needs_host_norm = self.check_overflow or self.clip_grad > 0
-        # Reading the norm on the host syncs with the device: only when a decision needs it.
-        norm = float(grad_norm) if needs_host_norm else None
-        overflow = self.check_overflow and not math.isfinite(norm)
+        # One host read of the norm per step: the skip decision needs it.
+        norm = float(grad_norm)
+        overflow = not math.isfinite(norm)
         self.last_overflow = overflow
         if self.loss_scaler is not None:
             self.loss_scaler.update_scale(overflow)
         if overflow:
+            if self.loss_scaler is None or not self.loss_scaler.dynamic:  # a dynamic scaler logs its own backoff
+                log_dist(f"gradient norm is {norm}: skipping this optimizer step (weights, optimizer state and lr "
+                         f"schedule unchanged); look for inf/nan in the loss, the inputs or the model",
+                         ranks=[0], level=logging.WARNING)
             self._grad_norm = None
             self.zero_grad()
             return False
         coef = 1.0 / scale
+        # Clipping compares the unscaled norm with the threshold (the loss scale is not a gradient).
         if self.clip_grad > 0 and norm / scale > self.clip_grad:
             coef *= self.clip_grad / (norm / scale + 1e-6)
         if coef != 1.0 and grads:

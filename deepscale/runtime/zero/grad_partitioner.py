@@ -15,6 +15,12 @@ ranks that see different unused parameters still issue the same sequence of coll
   buffer of ``1/world_size`` of the gradients. This is ZeRO-2's P_os+g
   (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion Parameter
   Models", section 5.2).
+
+The hooks act only during the owner's own backward (between :meth:`PartitionedGradients.begin_backward`
+and :meth:`PartitionedGradients.finish_backward`); gradients of any other backward stay in
+``param.grad`` as PyTorch leaves them (the module's ``zero_grad()`` clears them) and are folded
+into the staging buffers at the owner's next backward, as autograd would accumulate them. See
+the Note "whose backward it is" in ``runtime/grad_reducer.py``.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -90,6 +96,8 @@ class PartitionedGradients:
         self.storage = self._allocate_storage()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in self._slot]
         self.reducing = True  # stage 1: the engine sets False outside the accumulation boundary
+        self._armed = False  # True only during the owner's own backward
+        self._reduced = False  # stage 1: staging holds a reduced window (other ranks' chunks are stale)
         self._next_to_launch = 0
         self._inflight: List[ZeroBucket] = []
         self._pending = False
@@ -111,10 +119,36 @@ class PartitionedGradients:
         return storage
 
     # --- backward -------------------------------------------------------------------------
-    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
-        grad = param.grad
-        if grad is None:
-            return
+    @torch.no_grad()
+    def begin_backward(self, reducing: bool) -> None:
+        """Arm the hooks for the owner's backward and fold in gradients other backwards left.
+
+        Args:
+            reducing: reduce buckets during this backward (stage 1: the accumulation boundary;
+                stage 2: always).
+        """
+        self.reducing = reducing
+        if self._reduced:
+            self._drop_reduced_peers()
+        for param in self._slot:
+            if param.grad is not None:
+                self._accumulate(param, param.grad)
+        self._armed = True
+
+    @torch.no_grad()
+    def _drop_reduced_peers(self) -> None:
+        # Stage 1, another backward after a reduction without a step in between (e.g. two
+        # backward calls at the boundary): the other ranks' chunks of the staging buffer were
+        # already sent and summed; only this rank's averaged chunk carries on, as a sum again so
+        # the next reduction's division by the world size leaves it unchanged.
+        for bucket in self.buckets:
+            chunk = bucket.plan.chunk
+            bucket.staging[:self.rank * chunk].zero_()
+            bucket.staging[(self.rank + 1) * chunk:].zero_()
+            bucket.own_grad.mul_(self.world_size)
+        self._reduced = False
+
+    def _accumulate(self, param: torch.nn.Parameter, grad: torch.Tensor) -> ZeroBucket:
         bucket, position = self._slot[param]
         if bucket.launched:
             raise RuntimeError(f"the gradient of {self._names.get(param, 'a parameter')} arrived after its bucket "
@@ -125,6 +159,14 @@ class PartitionedGradients:
         bucket.staging[offset:offset + numel].add_(grad.reshape(-1))
         param.grad = None
         self._pending = True
+        return bucket
+
+    def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
+        grad = param.grad
+        if grad is None or not self._armed:
+            return
+        bucket = self._accumulate(param, grad)
+        position = self._slot[param][1]
         if not bucket.seen[position]:
             bucket.seen[position] = True
             bucket.num_ready += 1
@@ -177,6 +219,7 @@ class PartitionedGradients:
 
         Stage 1 communicates only when ``sync`` (the accumulation boundary); stage 2 always.
         """
+        self._armed = False
         missing = [p for b in self.buckets for p, seen in zip(b.params, b.seen) if not seen]
         if self.stage == 1 and not sync:
             self._reset_counters()
@@ -186,6 +229,7 @@ class PartitionedGradients:
         while self._inflight:
             self._complete(self._inflight.pop(0))
         self._reset_counters()
+        self._reduced = self.stage == 1
         return missing
 
     def _reset_counters(self) -> None:
@@ -210,7 +254,7 @@ class PartitionedGradients:
         """Clear the accumulated gradients."""
         self.storage.zero_()
         self._reset_counters()
-        self._pending = False
+        self._pending = self._reduced = False
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:

@@ -21,6 +21,7 @@ import torch
 from deepscale import comm as dist
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
+from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.collectives import all_gather_flat, pick_methods
 from deepscale.runtime.zero.grad_partitioner import PartitionedGradients, ZeroBucket
 from deepscale.runtime.zero.memory import estimate_zero2_model_states_mem_needs_all_live
@@ -51,7 +52,7 @@ def check_optimizer_is_tested(optimizer, allow_untested: bool) -> None:
                          f"{', '.join(sorted(_TESTED_OPTIMIZER_NAMES))})")
 
 
-class ZeroOptimizer:
+class ZeroOptimizer(TrainingOptimizer):
     """The ZeRO stage 1/2 training optimizer (interface: ``runtime/dp_optimizer.py``).
 
     Args:
@@ -59,7 +60,7 @@ class ZeroOptimizer:
         basic_optimizer: the torch optimizer over the model parameters (required).
         stage: 1 (partition optimizer states) or 2 (and gradients).
         model_dtype: dtype the model will be cast to before :meth:`attach`.
-        loss_scaler, clip_grad, check_overflow: see :class:`PrecisionOptimizer`.
+        loss_scaler, clip_grad: see :class:`PrecisionOptimizer`.
         group, world_size: the data-parallel group.
         bucket_numel: ``reduce_bucket_size`` in elements (at stage 2 at most
             ``STAGE2_MAX_BUCKET_NUMEL``). Default 500M.
@@ -72,7 +73,7 @@ class ZeroOptimizer:
     """
 
     def __init__(self, module: torch.nn.Module, basic_optimizer, stage: int, model_dtype: torch.dtype,
-                 loss_scaler=None, clip_grad: float = 0.0, check_overflow: bool = False, group=None,
+                 loss_scaler=None, clip_grad: float = 0.0, group=None,
                  world_size: int = 1, bucket_numel: int = 500_000_000, allgather_bucket_numel: int = 500_000_000,
                  accum_dtype: torch.dtype = torch.float32, comm_dtype: Optional[torch.dtype] = None,
                  predivide_factor: float = 1.0, overlap_comm: bool = True, reduce_scatter: bool = True,
@@ -90,7 +91,7 @@ class ZeroOptimizer:
         self.group, self.world_size = group, world_size
         self.rank = dist.get_rank(group) if world_size > 1 else 0
         self.basic = basic_optimizer
-        self._loss_scaler, self._clip_grad, self._check_overflow = loss_scaler, clip_grad, check_overflow
+        self._loss_scaler, self._clip_grad = loss_scaler, clip_grad
         self.allgather_bucket_numel = int(allgather_bucket_numel)
         self.ignore_unused_parameters = ignore_unused_parameters
         backend = dist.get_backend(group) if world_size > 1 else "none"
@@ -165,7 +166,7 @@ class ZeroOptimizer:
             group["params"] = [self._masters[i] for i, b in enumerate(self.buckets)
                                if b.plan.group_index == group_index]
         self.precision = PrecisionOptimizer(self.basic, model_dtype=torch.float32, loss_scaler=self._loss_scaler,
-                                            clip_grad=self._clip_grad, check_overflow=self._check_overflow)
+                                            clip_grad=self._clip_grad)
         self.grads = PartitionedGradients(self.buckets, self.stage, self.rank, self.world_size, self.group,
                                           param_names=self.param_names, **self._grad_args)
         access = FullTensorAccess(self)
@@ -179,10 +180,11 @@ class ZeroOptimizer:
 
     # --- backward -------------------------------------------------------------------------
     def prepare_backward(self, sync: bool) -> None:
-        self.grads.reducing = sync or self.stage == 2
+        self.grads.begin_backward(reducing=sync or self.stage == 2)
 
     def finish_backward(self, sync: bool) -> None:
         missing = self.grads.finish_backward(sync)
+        self._note_backward()
         if missing and not self.ignore_unused_parameters:
             names = [self.param_names.get(p, "?") for p in missing]
             raise RuntimeError(f"{len(names)} parameter(s) got no gradient in this backward, e.g. {names[:3]}; set "
@@ -193,25 +195,14 @@ class ZeroOptimizer:
         return self.grads.has_pending_grads
 
     # --- step -----------------------------------------------------------------------------
-    def _global_grad_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
-        """L2 norm over every rank's chunks: one all-reduce of the squared local norm."""
-        if grads:
-            local = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).pow(2).sum()
-        else:
-            local = torch.zeros((), dtype=torch.float32)
-        if self.world_size > 1:
-            dist.all_reduce(local, group=self.group)
-        return local.sqrt()
-
-    def step(self) -> bool:
+    def _attach_step_grads(self) -> List[torch.Tensor]:
         grads = self.grads.own_grads()
         for master, grad in zip(self._masters, grads):
             master.grad = grad if grad.dtype == torch.float32 else grad.float()
-        applied = self.precision.step(grad_norm=self._global_grad_norm(grads))
-        if applied:
-            self.all_gather_params()
-        self.precision.zero_grad()
-        return applied
+        return grads
+
+    def _publish_masters(self) -> None:
+        self.all_gather_params()
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
@@ -240,28 +231,6 @@ class ZeroOptimizer:
                 param.grad = None
 
     # --- what the engine and users read ---------------------------------------------------
-    @property
-    def loss_scale(self) -> float:
-        return self.precision.loss_scale
-
-    cur_scale = loss_scale
-
-    @property
-    def last_grad_norm(self):
-        return self.precision.last_grad_norm
-
-    @property
-    def param_groups(self):
-        return self.basic.param_groups
-
-    @property
-    def state(self):
-        return self.basic.state
-
-    @property
-    def defaults(self):
-        return self.basic.defaults
-
     @property
     def basic_optimizer(self):
         return self.basic

@@ -20,6 +20,7 @@ import torch
 from deepscale import comm as dist
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
+from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.stage3.collectives import CollectiveRunner
 from deepscale.runtime.zero.stage3.coordinator import ParamCoordinator
 from deepscale.runtime.zero.stage3.external_check import PartitionedUseCheck
@@ -37,7 +38,7 @@ from deepscale.runtime.zero.stage_1_and_2 import check_optimizer_is_tested
 from deepscale.utils.logging import logger
 
 
-class Stage3Optimizer:
+class Stage3Optimizer(TrainingOptimizer):
     """ZeRO stage 3: parameters, gradients and optimizer states partitioned over the data-parallel ranks.
 
     Args:
@@ -45,7 +46,7 @@ class Stage3Optimizer:
             partitioned by ``deepscale.zero.Init``.
         basic_optimizer: the torch optimizer over the model parameters (required).
         model_dtype: dtype of the model (and of the shards).
-        loss_scaler, clip_grad, check_overflow: see :class:`PrecisionOptimizer`.
+        loss_scaler, clip_grad: see :class:`PrecisionOptimizer`.
         group, world_size: the data-parallel group.
         accum_dtype: dtype of the accumulated gradient partitions (fp32 recommended).
         comm_dtype: dtype gradients are reduce-scattered in. Default ``accum_dtype``.
@@ -64,7 +65,7 @@ class Stage3Optimizer:
     """
 
     def __init__(self, module: torch.nn.Module, basic_optimizer, model_dtype: torch.dtype, loss_scaler=None,
-                 clip_grad: float = 0.0, check_overflow: bool = False, group=None, world_size: int = 1,
+                 clip_grad: float = 0.0, group=None, world_size: int = 1,
                  bucket_numel: int = 500_000_000, accum_dtype: torch.dtype = torch.float32,
                  comm_dtype: Optional[torch.dtype] = None,
                  prefetch_numel: int = 50_000_000, max_live_numel: int = 1_000_000_000,
@@ -79,7 +80,7 @@ class Stage3Optimizer:
         self.basic, self.model_dtype = basic_optimizer, model_dtype
         self.group, self.world_size = group, world_size
         self.rank = dist.get_rank(group) if world_size > 1 else 0
-        self._loss_scaler, self._clip_grad, self._check_overflow = loss_scaler, clip_grad, check_overflow
+        self._loss_scaler, self._clip_grad = loss_scaler, clip_grad
         self._module = module
         self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
         self.debug = bool(debug) or debug_enabled_from_env()
@@ -190,7 +191,7 @@ class Stage3Optimizer:
                            "partition)")
             self.basic.state.clear()
         self.precision = PrecisionOptimizer(self.basic, model_dtype=torch.float32, loss_scaler=self._loss_scaler,
-                                            clip_grad=self._clip_grad, check_overflow=self._check_overflow)
+                                            clip_grad=self._clip_grad)
         self._module_hooks = install_module_hooks(self._module, self.coordinator)
         for g in self.groups:
             for param in self.coordinator.trainable_of[g.index]:
@@ -245,33 +246,29 @@ class Stage3Optimizer:
     def finish_backward(self, sync: bool) -> None:
         self.coordinator.end_backward()
         self._pending_grads = True
+        self._note_backward()
 
     @property
     def has_pending_grads(self) -> bool:
         return self._pending_grads
 
     # --- step -----------------------------------------------------------------------------
-    def _global_grad_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
-        local = torch.zeros((), dtype=torch.float32)
-        if grads:
-            local = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)]).pow(2).sum()
-        if self.world_size > 1:
-            dist.all_reduce(local, group=self.group)
-        return local.sqrt()
+    def _attach_step_grads(self) -> List[torch.Tensor]:
+        grads = []
+        for master, grad in zip(self._masters, self._master_grads):
+            if master is not None:
+                master.grad = grad
+                grads.append(grad)
+        return grads
+
+    def _publish_masters(self) -> None:
+        self.publish_masters()
 
     def step(self) -> bool:
         """Unscale, clip, check overflow and update the fp32 masters; publish them into the shards."""
         self.coordinator.training.to(TrainingState.STEP)
         try:
-            grads = []
-            for master, grad in zip(self._masters, self._master_grads):
-                if master is not None:
-                    master.grad = grad
-                    grads.append(grad)
-            applied = self.precision.step(grad_norm=self._global_grad_norm(grads))
-            if applied:
-                self.publish_masters()
-            self.precision.zero_grad()
+            applied = super().step()
             self.runner.step += 1
         finally:
             self.coordinator.training.to(TrainingState.IDLE)
@@ -293,24 +290,6 @@ class Stage3Optimizer:
         self._pending_grads = False
 
     # --- what the engine and users read ---------------------------------------------------
-    @property
-    def loss_scale(self) -> float:
-        return self.precision.loss_scale
-
-    cur_scale = loss_scale
-
-    @property
-    def last_grad_norm(self):
-        return self.precision.last_grad_norm
-
-    @property
-    def param_groups(self):
-        return self.basic.param_groups
-
-    @property
-    def state(self):
-        return self.basic.state
-
     @property
     def basic_optimizer(self):
         return self.basic
