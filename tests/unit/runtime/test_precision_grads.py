@@ -26,8 +26,7 @@ def _engine(stage, precision, gas=1, clip=0.0):
            precision: {"enabled": True}}
     if precision == "fp16":
         cfg["fp16"]["loss_scale"] = LOSS_SCALE  # static: no scale changes between runs
-    if clip:
-        cfg["gradient_clipping"] = clip
+    cfg["gradient_clipping"] = clip  # explicit: the default (1.0, as DeepSpeed) would clip
     engine, _, _, _ = deepscale.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     return engine
 

@@ -76,7 +76,8 @@ def _engines(stage: int):
     net_g, net_d = _nets()
     world = dist.get_world_size()
     cfg = {"train_batch_size": MICRO_BS * world, "train_micro_batch_size_per_gpu": MICRO_BS,
-           "steps_per_print": 1000, "zero_optimization": {"stage": stage, "reduce_bucket_size": 20}}
+           "steps_per_print": 1000, "gradient_clipping": 0.0,
+           "zero_optimization": {"stage": stage, "reduce_bucket_size": 20}}
     engine_g, _, _, _ = deepscale.initialize(model=net_g, optimizer=torch.optim.SGD(net_g.parameters(), lr=LR_G),
                                              config=cfg)
     engine_d, _, _, _ = deepscale.initialize(model=net_d, optimizer=torch.optim.SGD(net_d.parameters(), lr=LR_D),
@@ -133,7 +134,8 @@ def _zero_grad_between_micro_steps(stage: int):
     import deepscale
     _, net_d = _nets()
     cfg = {"train_batch_size": 2 * MICRO_BS, "train_micro_batch_size_per_gpu": MICRO_BS,
-           "gradient_accumulation_steps": 2, "steps_per_print": 1000, "zero_optimization": {"stage": stage}}
+           "gradient_accumulation_steps": 2, "steps_per_print": 1000, "gradient_clipping": 0.0,
+           "zero_optimization": {"stage": stage}}
     engine, _, _, _ = deepscale.initialize(model=net_d, optimizer=torch.optim.SGD(net_d.parameters(), lr=LR_D),
                                            config=cfg)
     real, _ = _batch(0, 2 * MICRO_BS)
@@ -177,7 +179,8 @@ def _foreign_then_own(stage: int):
     rank, world = dist.get_rank(), dist.get_world_size()
     model = _TwoHeads()
     cfg = {"train_batch_size": MICRO_BS * world, "train_micro_batch_size_per_gpu": MICRO_BS,
-           "steps_per_print": 1000, "zero_optimization": {"stage": stage, "reduce_bucket_size": 4}}
+           "steps_per_print": 1000, "gradient_clipping": 0.0,
+           "zero_optimization": {"stage": stage, "reduce_bucket_size": 4}}
     engine, _, _, _ = deepscale.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=LR_D),
                                            config=cfg)
     real, _ = _batch(0, MICRO_BS * world)
