@@ -166,12 +166,12 @@ def test_node_rank_sources():
 
 def test_node_launcher_flags_follow_runner_flags(tmp_path):
     args = argparse.Namespace(no_python=False, module=True, no_local_rank=True, bind_cores_to_rank=True,
-                              bind_core_list="0-3", log_dir="/logs", save_pid=False, user_script="pkg.train",
+                              rank_prefix=True, bind_core_list="0-3", log_dir="/logs", save_pid=False, user_script="pkg.train",
                               user_args=["--a", "1"])
     plan = types.SimpleNamespace(args=args)
     flags = runner.node_launcher_args(plan, 2, "h:1", "tok")
     assert flags == ["--controller=h:1", "--job_token=tok", "--restart_count=2", "--module", "--no_local_rank",
-                     "--bind_cores_to_rank", "--bind_core_list=0-3", "--log_dir=/logs", "pkg.train", "--a", "1"]
+                     "--bind_cores_to_rank", "--rank_prefix", "--bind_core_list=0-3", "--log_dir=/logs", "pkg.train", "--a", "1"]
     parsed = launch_parser().parse_args(["--world_info=x", "--master_addr=a", "--master_port=1"] + flags)
     assert parsed.module and parsed.no_local_rank and parsed.user_args == ["--a", "1"]
 
