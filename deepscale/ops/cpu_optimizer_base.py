@@ -23,6 +23,39 @@ def step_tensor(value):
     return torch.tensor(float(value), dtype=torch.float32)
 
 
+def fill_group_defaults(optimizer):
+    """Give every param group the optimizer's defaults it lacks.
+
+    ``load_state_dict`` replaces the groups by the saved ones; a state dict of another Adam
+    (torch's AdamW has no ``bias_correction``) would otherwise leave keys our step reads unset.
+    """
+    for group in optimizer.param_groups:
+        for key, value in optimizer.defaults.items():
+            group.setdefault(key, value)
+
+
+def load_keeping_state_dtype(optimizer, state_dict, fp32=True):
+    """``optimizer.load_state_dict`` that keeps moments fp32 and steps as :func:`step_tensor`.
+
+    ``torch.optim.Optimizer`` casts floating-point state to the parameter dtype on load, which
+    would round fp32 moments of bf16 parameters to bf16; this puts the saved values back in
+    fp32 (``fp32=False``: the parameter dtype), and fills group keys the saved groups lack.
+    """
+    saved = {key: {n: v.detach().clone() for n, v in entry.items() if isinstance(v, torch.Tensor)}
+             for key, entry in state_dict["state"].items()}
+    torch.optim.Optimizer.load_state_dict(optimizer, state_dict)
+    fill_group_defaults(optimizer)
+    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        for key, param in zip(saved_group["params"], group["params"]):
+            state = optimizer.state[param]
+            for name, value in saved.get(key, {}).items():
+                if name != "step":
+                    dtype = torch.float32 if fp32 else param.dtype
+                    state[name] = value.to(device=param.device, dtype=dtype).contiguous()
+            if "step" in state:
+                state["step"] = step_tensor(state["step"])
+
+
 def _code(tensor):
     return -1 if tensor is None else _DTYPE_CODE[tensor.dtype]
 
@@ -227,19 +260,10 @@ class CPUOptimizerBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Load a state dict, keeping fp32 states fp32 even for half-precision parameters.
 
+        A state dict of torch's optimizer of the same algorithm loads too (same state names).
+
         ``torch.optim.Optimizer`` casts floating-point state to the parameter dtype on load,
         which would round fp32 moments of bf16 parameters to bf16.
         """
-        saved = {key: {n: v.detach().clone() for n, v in entry.items() if isinstance(v, torch.Tensor)}
-                 for key, entry in state_dict["state"].items()}
         self._plans.clear()
-        super().load_state_dict(state_dict)
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for key, param in zip(saved_group["params"], group["params"]):
-                for name, value in saved.get(key, {}).items():
-                    if name == "step":
-                        continue
-                    dtype = torch.float32 if self.fp32_optimizer_states else param.dtype
-                    self.state[param][name] = value.to(device=param.device, dtype=dtype).contiguous()
-                if "step" in self.state[param]:
-                    self.state[param]["step"] = step_tensor(self.state[param]["step"])
+        load_keeping_state_dtype(self, state_dict, fp32=self.fp32_optimizer_states)
