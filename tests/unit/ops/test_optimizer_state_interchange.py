@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from deepscale.ops.adagrad import DeepScaleCPUAdagrad
 from deepscale.ops.adam import DeepScaleCPUAdam, FusedAdam
 
 TOL = 2e-6
@@ -32,10 +33,21 @@ def _steps(opt, steps):
     return [p.detach().clone() for p in params]
 
 
+ADAGRAD_HYPER = dict(lr=1e-2, eps=1e-10, weight_decay=0.1)
+
+
 def _ours(kind, params):
     if kind == "cpu_adam":
         return DeepScaleCPUAdam(params, adamw_mode=True, **HYPER)
+    if kind == "cpu_adagrad":
+        return DeepScaleCPUAdagrad(params, **ADAGRAD_HYPER)
     return FusedAdam(params, adam_w_mode=True, **HYPER)
+
+
+def _torch(kind, params):
+    if kind == "cpu_adagrad":
+        return torch.optim.Adagrad(params, **ADAGRAD_HYPER)
+    return torch.optim.AdamW(params, **HYPER)
 
 
 @pytest.mark.parametrize("kind", ["cpu_adam", "fused_adam"])
@@ -53,22 +65,24 @@ def test_state_layout_matches_torch_adamw(kind):
             torch.testing.assert_close(s_ours[key], s_ref[key], rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("kind", ["cpu_adam", "fused_adam"])
+@pytest.mark.parametrize("kind", ["cpu_adam", "fused_adam", "cpu_adagrad"])
 def test_checkpoints_resume_across_implementations(kind):
-    ours, ref = _ours(kind, _params()), torch.optim.AdamW(_params(), **HYPER)
+    ours, ref = _ours(kind, _params()), _torch(kind, _params())
     _steps(ours, range(3))
     _steps(ref, range(3))
     uninterrupted = _steps(ref, range(3, 6))
     # torch -> ours: the moments and the step count carry over (bias correction continues at 4)
     ours_resumed = _ours(kind, [p.detach().clone().requires_grad_() for p in ours.param_groups[0]["params"]])
-    ref_copy = torch.optim.AdamW(_params(), **HYPER)
+    ref_copy = _torch(kind, _params())
     _steps(ref_copy, range(3))
     ours_resumed.load_state_dict(copy.deepcopy(ref_copy.state_dict()))  # as from a file
-    # ours -> torch
-    torch_resumed = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in ours.param_groups[0]["params"]],
-                                      **HYPER)
-    torch_resumed.load_state_dict(copy.deepcopy(ours.state_dict()))
-    for got in (_steps(ours_resumed, range(3, 6)), _steps(torch_resumed, range(3, 6))):
+    resumed = [ours_resumed]
+    if kind != "cpu_adagrad":  # torch's Adagrad needs its own group keys (lr_decay) in a state dict
+        # ours -> torch
+        torch_resumed = _torch(kind, [p.detach().clone().requires_grad_() for p in ours.param_groups[0]["params"]])
+        torch_resumed.load_state_dict(copy.deepcopy(ours.state_dict()))
+        resumed.append(torch_resumed)
+    for got in [_steps(opt, range(3, 6)) for opt in resumed]:
         for g, w in zip(got, uninterrupted):
             torch.testing.assert_close(g, w, rtol=TOL, atol=TOL)
 
