@@ -11,6 +11,7 @@ from deepscale.launcher import runner
 from deepscale.launcher.launch import build_parser as launch_parser
 from deepscale.launcher.launch import resolve_node_rank
 from deepscale.launcher.multinode_runner import JobLaunch, get_runner
+from deepscale.launcher.threads import usable_cores
 from deepscale.launcher.world import WorldInfo
 
 WORLD = WorldInfo.from_resources({"node-a": [0, 1], "node-b": [0, 1]})
@@ -108,12 +109,14 @@ def test_dry_run_prints_each_node_command(tmp_path, monkeypatch, capsys):
 
 def test_dry_run_single_node(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     (tmp_path / "t.py").write_text("")
     assert runner.main(["--num_procs", "2", "--master_port", "1234", "--dry_run", "t.py", "a"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0] == "# deepscale dry run: 1 node (this host, node 0), 2 rank(s)"
     assert lines[2].startswith("RANK=1 LOCAL_RANK=1 WORLD_SIZE=2 LOCAL_SIZE=2 ")
     assert "MASTER_ADDR=127.0.0.1 MASTER_PORT=1234" in lines[2]
+    assert f" OMP_NUM_THREADS={max(1, usable_cores() // 2)} " in lines[2]  # the default the ranks would get
     assert lines[2].endswith(f"{sys.executable} -u t.py --local_rank=1 a")
 
 
