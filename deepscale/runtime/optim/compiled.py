@@ -138,7 +138,9 @@ def build_preferred(family: str, kwargs: dict, param_list, torch_cls, build_torc
     devices = parameter_devices(param_list)
     candidate, reason = _candidate_for(family, decoupled, devices)
     if candidate is not None:
-        refusal = _torch_only_key(family, kwargs)
+        group_keys = [{k: v for k, v in item.items() if k not in ("params", "name")}
+                      for item in param_list if isinstance(item, dict)]
+        refusal = next(filter(None, (_torch_only_key(family, keys) for keys in [kwargs] + group_keys)), None)
         if refusal is not None:
             candidate, reason = None, refusal
     if candidate is not None:

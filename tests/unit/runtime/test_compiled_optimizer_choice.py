@@ -91,6 +91,12 @@ def test_torch_only_options_keep_torch(name, params, cls, reason, log_lines):
         assert any(reason in line for line in log_lines), log_lines
 
 
+def test_torch_only_option_in_a_param_group_keeps_torch():
+    params = _params()
+    opt = build_optimizer("adamw", {}, [{"params": params[:1]}, {"params": params[1:], "amsgrad": True}])
+    assert type(opt) is torch.optim.AdamW
+
+
 def test_parameters_off_cpu_keep_torch(log_lines):
     params = list(torch.nn.Linear(3, 2, device="meta").parameters())
     assert type(build_optimizer("lion", {}, params)) is Lion
