@@ -42,7 +42,7 @@ def _import_framework(name: str):
     if name == "ddp":
         import torch.distributed  # noqa: F401
         return setup_ddp
-    if name == "deepscale":
+    if name in ("deepscale", "deepscale_torch_adam"):
         import deepscale
         deepscale.initialize  # noqa: B018  raises AttributeError until the engine exists
         return setup_deepscale
@@ -52,7 +52,8 @@ def _import_framework(name: str):
     if name == "fsdp2":
         from torch.distributed.fsdp import fully_shard  # noqa: F401
         return setup_fsdp2
-    raise ValueError(f"framework must be one of ddp, deepscale, deepspeed, fsdp2; got {name!r}")
+    raise ValueError(f"framework must be one of ddp, deepscale, deepscale_torch_adam, deepspeed, fsdp2; "
+                     f"got {name!r}")
 
 
 def build_model_and_batches(spec, torch):
@@ -79,8 +80,8 @@ def ds_config(spec, framework: str) -> dict:
     opt = spec["optim"]
     params = {"lr": opt["lr"], "betas": opt["betas"], "eps": opt["eps"],
               "weight_decay": opt["weight_decay"]}
-    if framework == "deepspeed":
-        params["torch_adam"] = True  # torch.optim.AdamW, as in DDP; no compiled Adam on CPU
+    if framework in ("deepspeed", "deepscale_torch_adam"):
+        params["torch_adam"] = True  # torch.optim.AdamW, as in DDP, instead of a compiled Adam
     cfg = {"train_micro_batch_size_per_gpu": spec["micro_batch"],
            "gradient_accumulation_steps": 1,
            "gradient_clipping": opt["clip"],
@@ -137,7 +138,7 @@ def setup_deepscale(spec, model, torch):
     import deepscale
     deepscale.init_distributed()
     engine, _, _, _ = deepscale.initialize(model=model, model_parameters=model.parameters(),
-                                           config=ds_config(spec, "deepscale"))
+                                           config=ds_config(spec, spec["framework"]))
     return _engine_step(engine)
 
 

@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bind each rank to its own share of the node's cores (sets OMP_NUM_THREADS)")
     ranks.add_argument("--bind_core_list", default=None,
                        help="cores to share out with --bind_cores_to_rank, e.g. '0-15,32-47' (default: all)")
+    ranks.add_argument("--rank_prefix", action="store_true",
+                       help="start every line a rank prints on the console with '[rank R] '")
     ranks.add_argument("--log_dir", "--enable_each_rank_log", dest="log_dir", default=None,
                        help="write each rank's output to <log_dir>/rank<r>.log on its node")
 

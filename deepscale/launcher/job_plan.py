@@ -15,6 +15,7 @@ from deepscale.launcher.devices import detect_gpu_count
 from deepscale.launcher.env import collect_exports
 from deepscale.launcher.hostfile import filter_resources, limit_resources, read_hostfile
 from deepscale.launcher.spawner import ScriptSpec, build_rank_specs
+from deepscale.launcher.threads import default_omp_threads
 from deepscale.launcher.world import WorldInfo
 
 
@@ -108,8 +109,9 @@ def local_dry_run_lines(plan: JobPlan) -> List[str]:
     args = plan.args
     local = plan.world.local_size(plan.node_rank)
     lines = [f"# deepscale dry run: 1 node (this host, node {plan.node_rank}), {local} rank(s)"]
+    omp_threads = None if args.bind_cores_to_rank else default_omp_threads(os.environ, local)[0]
     specs = build_rank_specs(plan.world, plan.node_rank, plan.master_addr, args.master_port, plan.script, dict(os.environ),
-                             args.log_dir)
+                             args.log_dir, omp_threads=omp_threads)
     for spec in specs:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
         target = f" > {shlex.quote(spec.log_path)} 2>&1" if spec.log_path else ""

@@ -17,7 +17,9 @@ from deepscale.launcher.output import format_tail
 from deepscale.launcher.rank_group import GroupOutcome, RankGroup
 from deepscale.launcher.signals import StopRequest, install_handlers, restore_handlers
 from deepscale.launcher.spawner import Failure, ScriptSpec, build_rank_specs, kill_grace_s
+from deepscale.launcher.threads import default_omp_threads
 from deepscale.launcher.world import WorldInfo
+from deepscale.utils.logging import logger
 
 
 @dataclass
@@ -30,12 +32,14 @@ class NodeOptions:
         bind_core_list: the cores to share (``"0-7,16-23"``); None means all.
         restart_count: which attempt this is (0 for the first).
         save_pid: the runner's pid, to name the pid file; None disables it.
+        rank_prefix: start each console line of rank R with ``[rank R] ``.
     """
     log_dir: Optional[str] = None
     bind_cores_to_rank: bool = False
     bind_core_list: Optional[str] = None
     restart_count: int = 0
     save_pid: Optional[int] = None
+    rank_prefix: bool = False
 
 
 def pid_file_path(runner_pid: int, node_rank: int) -> str:
@@ -65,8 +69,14 @@ def run_node(world: WorldInfo, node_rank: int, master_addr: str, master_port: in
     if options.bind_cores_to_rank:
         cores = parse_core_list(options.bind_core_list) if options.bind_core_list else None
         core_sets = split_cores(world.local_size(node_rank), cores)
+    omp_threads = None
+    if core_sets is None:
+        omp_threads, message = default_omp_threads(os.environ, world.local_size(node_rank))
+        if message and options.restart_count == 0:
+            logger.info(message)
     specs = build_rank_specs(world, node_rank, master_addr, master_port, script, dict(os.environ),
-                             options.log_dir, core_sets, options.restart_count)
+                             options.log_dir, core_sets, options.restart_count, omp_threads,
+                             options.rank_prefix)
     group = RankGroup(specs, dict(os.environ), kill_grace_s(), append_logs=options.restart_count > 0)
     group.start()
     pid_path = pid_file_path(options.save_pid, node_rank) if options.save_pid else None
@@ -100,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log_dir", default=None)
     parser.add_argument("--bind_cores_to_rank", action="store_true")
     parser.add_argument("--bind_core_list", default=None)
+    parser.add_argument("--rank_prefix", action="store_true")
     parser.add_argument("--restart_count", type=int, default=0)
     parser.add_argument("--save_pid", type=int, default=None, help="the runner's pid, names the pid file")
     parser.add_argument("user_script")
@@ -155,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             client = ControlClient(args.controller, args.job_token, node_rank, host, stop)
         script = ScriptSpec(args.user_script, args.user_args, args.no_python, args.module, args.no_local_rank)
         options = NodeOptions(args.log_dir, args.bind_cores_to_rank, args.bind_core_list, args.restart_count,
-                              args.save_pid)
+                              args.save_pid, args.rank_prefix)
         report = (lambda f: client.send(_failure_message(f))) if client else None
         try:
             outcome = run_node(world, node_rank, args.master_addr, args.master_port, script, options, stop, report)

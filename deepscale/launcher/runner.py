@@ -28,14 +28,14 @@ from deepscale.utils.logging import logger
 def _node_options(plan: JobPlan, attempt: int) -> NodeOptions:
     args = plan.args
     return NodeOptions(args.log_dir, args.bind_cores_to_rank, args.bind_core_list, attempt,
-                       os.getpid() if args.save_pid else None)
+                       os.getpid() if args.save_pid else None, args.rank_prefix)
 
 
 def node_launcher_args(plan: JobPlan, attempt: int, controller: str, token: str) -> List[str]:
     """Flags of every per-node launcher after the node-rank and master flags, ending with the script."""
     args = plan.args
     flags = [f"--controller={controller}", f"--job_token={token}", f"--restart_count={attempt}"]
-    for name in ("no_python", "module", "no_local_rank", "bind_cores_to_rank"):
+    for name in ("no_python", "module", "no_local_rank", "bind_cores_to_rank", "rank_prefix"):
         if getattr(args, name):
             flags.append(f"--{name}")
     if args.bind_core_list:

@@ -54,13 +54,14 @@ class ScriptSpec:
 
 @dataclass
 class RankSpec:
-    """One local rank: its ranks, argv, environment additions, log file and cores."""
+    """One local rank: its ranks, argv, environment additions, log file, cores and console line prefix."""
     rank: int
     local_rank: int
     cmd: List[str]
     env: Dict[str, str]
     log_path: Optional[str] = None
     cores: Optional[List[int]] = None
+    output_prefix: bytes = b""
 
 
 def rank_environment(world: WorldInfo, node_rank: int, local_rank: int, master_addr: str, master_port: int,
@@ -84,13 +85,17 @@ def rank_environment(world: WorldInfo, node_rank: int, local_rank: int, master_a
 
 def build_rank_specs(world: WorldInfo, node_rank: int, master_addr: str, master_port: int, script: ScriptSpec,
                      base_env: Dict[str, str], log_dir: Optional[str] = None,
-                     core_sets: Optional[List[List[int]]] = None, restart_count: int = 0) -> List[RankSpec]:
+                     core_sets: Optional[List[List[int]]] = None, restart_count: int = 0,
+                     omp_threads: Optional[int] = None, rank_prefix: bool = False) -> List[RankSpec]:
     """One :class:`RankSpec` per local rank of node ``node_rank``.
 
     Args:
         log_dir: when given, rank ``r`` writes to ``<log_dir>/rank<r>.log`` instead of the console.
         core_sets: per local rank, the cores it is bound to (``OMP_NUM_THREADS`` follows).
         restart_count: exported as ``DEEPSCALE_RESTART_COUNT``.
+        omp_threads: ``OMP_NUM_THREADS`` of every rank not bound to cores; None leaves it
+            inherited (see ``threads.default_omp_threads``).
+        rank_prefix: start each console line of rank ``r`` with ``[rank r] ``.
     """
     specs = []
     for local_rank in range(world.local_size(node_rank)):
@@ -98,9 +103,12 @@ def build_rank_specs(world: WorldInfo, node_rank: int, master_addr: str, master_
         cores = core_sets[local_rank] if core_sets else None
         if cores:
             env["OMP_NUM_THREADS"] = str(len(cores))
+        elif omp_threads is not None:
+            env["OMP_NUM_THREADS"] = str(omp_threads)
         rank = int(env["RANK"])
         log_path = os.path.join(log_dir, f"rank{rank}.log") if log_dir else None
-        specs.append(RankSpec(rank, local_rank, script.command(local_rank), env, log_path, cores))
+        prefix = f"[rank {rank}] ".encode() if rank_prefix else b""
+        specs.append(RankSpec(rank, local_rank, script.command(local_rank), env, log_path, cores, prefix))
     return specs
 
 
@@ -146,7 +154,7 @@ class RankProcess:
         else:
             self.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.PIPE, start_new_session=True)
-            self._tail = OutputTail()
+            self._tail = OutputTail(prefix=spec.output_prefix)
             self._tail.attach(self.popen.stdout, stdout_buffer())
             self._tail.attach(self.popen.stderr, stderr_buffer())
         if spec.cores and not shutil.which("taskset"):

@@ -18,6 +18,44 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def step_tensor(value):
+    """A step count as torch's optimizers keep it: a 0-dim float32 tensor (checkpoints interchange)."""
+    return torch.tensor(float(value), dtype=torch.float32)
+
+
+def fill_group_defaults(optimizer):
+    """Give every param group the optimizer's defaults it lacks.
+
+    ``load_state_dict`` replaces the groups by the saved ones; a state dict of another Adam
+    (torch's AdamW has no ``bias_correction``) would otherwise leave keys our step reads unset.
+    """
+    for group in optimizer.param_groups:
+        for key, value in optimizer.defaults.items():
+            group.setdefault(key, value)
+
+
+def load_keeping_state_dtype(optimizer, state_dict, fp32=True):
+    """``optimizer.load_state_dict`` that keeps moments fp32 and steps as :func:`step_tensor`.
+
+    ``torch.optim.Optimizer`` casts floating-point state to the parameter dtype on load, which
+    would round fp32 moments of bf16 parameters to bf16; this puts the saved values back in
+    fp32 (``fp32=False``: the parameter dtype), and fills group keys the saved groups lack.
+    """
+    saved = {key: {n: v.detach().clone() for n, v in entry.items() if isinstance(v, torch.Tensor)}
+             for key, entry in state_dict["state"].items()}
+    torch.optim.Optimizer.load_state_dict(optimizer, state_dict)
+    fill_group_defaults(optimizer)
+    for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        for key, param in zip(saved_group["params"], group["params"]):
+            state = optimizer.state[param]
+            for name, value in saved.get(key, {}).items():
+                if name != "step":
+                    dtype = torch.float32 if fp32 else param.dtype
+                    state[name] = value.to(device=param.device, dtype=dtype).contiguous()
+            if "step" in state:
+                state["step"] = step_tensor(state["step"])
+
+
 def _code(tensor):
     return -1 if tensor is None else _DTYPE_CODE[tensor.dtype]
 
@@ -91,13 +129,16 @@ class CPUOptimizerBase(torch.optim.Optimizer):
             raise ValueError(f"fp16_param_groups tensor has {out.numel()} elements, its parameter {param.numel()}")
         return out
 
-    def _init_state(self, param):
+    def _init_state(self, param, group):
         state = self.state[param]
         if not state:
             dtype = torch.float32 if self.fp32_optimizer_states else param.dtype
-            state["step"] = 0
+            state["step"] = step_tensor(0)
             for name in self.STATE_NAMES:
                 state[name] = torch.zeros(param.shape, dtype=dtype)
+        elif not torch.is_tensor(state.get("step")):
+            # loaded state: an int step (older checkpoints) or none (FusedAdam counts per group)
+            state["step"] = step_tensor(state.get("step", group.get("step", 0)))
         return state
 
     def _out_lists(self, fp16_param_groups):
@@ -140,21 +181,25 @@ class CPUOptimizerBase(torch.optim.Optimizer):
             grad = self._checked_grad(param)
             reusable = reusable and grad is param.grad  # a converted grad is a temporary
             out = self._checked_out(outs[index] if outs is not None else None, param)
-            state = self._init_state(param)
-            state["step"] += 1
+            state = self._init_state(param, group)
+            state["step"] += 1  # in place: the tensor stays the one the signature names
             states = [state[name] for name in self.STATE_NAMES]
-            by_step.setdefault(state["step"], []).append((param, grad, states, out))
+            by_step.setdefault(int(state["step"]), []).append((param, grad, states, out))
         self._plans.pop(group_index, None)
         for step, items in by_step.items():
             flat = self._apply(group, step, items)
             if reusable and flat is not None and len(by_step) == 1:
-                self._plans[group_index] = (self._signature(group, outs)[0], int64_array(flat), len(flat), step)
+                signature, states = self._signature(group, outs)
+                steps = [state["step"] for state in states]
+                self._plans[group_index] = (signature, int64_array(flat), len(flat), step, steps)
 
     # Note: a plan is the packed slot array of a group from its last step. ZeRO-Offload calls
     # step on the same tensors every iteration, so re-validating and re-packing 100s of tensors
     # in Python would cost more than the update of a small model. The signature holds every
-    # address and grad dtype the array was built from; any change (new grad tensor elsewhere,
-    # swapped-in states, another copy-out buffer) misses the plan and takes the checked path.
+    # address and grad dtype the array was built from, and the identity of every step tensor
+    # (the plan keeps them alive, so an id is never reused); any change (new grad tensor
+    # elsewhere, swapped-in states, a step restored from a checkpoint, another copy-out buffer)
+    # misses the plan and takes the checked path.
     def _signature(self, group, outs):
         """``(signature, state dicts)`` of ``group``; ``(None, None)`` when a parameter has no grad or state."""
         data_ptr, get_state, state_tensors = torch.Tensor.data_ptr, self.state.get, self._state_tensors
@@ -167,6 +212,7 @@ class CPUOptimizerBase(torch.optim.Optimizer):
             states.append(state)
             sig += (param.data_ptr(), param.dtype, grad.data_ptr(), grad.dtype, grad.is_contiguous())
             sig += map(data_ptr, state_tensors(state))
+            sig.append(id(state.get("step")))
         if outs is not None:
             sig += map(data_ptr, outs)
         return sig, states
@@ -175,16 +221,15 @@ class CPUOptimizerBase(torch.optim.Optimizer):
         plan = self._plans.get(group_index)
         if plan is None or self._op is None:
             return False
-        signature, slots, num_values, step = plan
-        current, states = self._signature(group, outs)
+        signature, slots, num_values, step, steps = plan
+        current, _ = self._signature(group, outs)
         if current != signature:
             return False
         step += 1
-        for state in states:
-            state["step"] = step
+        torch._foreach_add_(steps, 1.0)
         threads = self.num_threads or torch.get_num_threads()
         check(self._op, self._kernel_step(slots, num_values, group, step, threads), f"{type(self).__name__}.step")
-        self._plans[group_index] = (signature, slots, num_values, step)
+        self._plans[group_index] = (signature, slots, num_values, step, steps)
         return True
 
     def _apply(self, group, step, items):
@@ -215,19 +260,10 @@ class CPUOptimizerBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Load a state dict, keeping fp32 states fp32 even for half-precision parameters.
 
+        A state dict of torch's optimizer of the same algorithm loads too (same state names).
+
         ``torch.optim.Optimizer`` casts floating-point state to the parameter dtype on load,
         which would round fp32 moments of bf16 parameters to bf16.
         """
-        saved = {key: {n: v.detach().clone() for n, v in entry.items() if isinstance(v, torch.Tensor)}
-                 for key, entry in state_dict["state"].items()}
         self._plans.clear()
-        super().load_state_dict(state_dict)
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for key, param in zip(saved_group["params"], group["params"]):
-                for name, value in saved.get(key, {}).items():
-                    if name == "step":
-                        continue
-                    dtype = torch.float32 if self.fp32_optimizer_states else param.dtype
-                    self.state[param][name] = value.to(device=param.device, dtype=dtype).contiguous()
-                if "step" in self.state[param]:
-                    self.state[param]["step"] = int(self.state[param]["step"])
+        load_keeping_state_dtype(self, state_dict, fp32=self.fp32_optimizer_states)

@@ -49,6 +49,19 @@ def rank_micro_batch(step: int, micro: int, rank: int, micro_bs: int, gas: int, 
     return x[start:start + micro_bs], y[start:start + micro_bs]
 
 
+def train_steps(engine, steps, micro_bs: int, world: int):
+    """Train ``engine`` on the global batches of ``steps`` (one micro-batch each); returns the losses."""
+    import torch.distributed as dist
+    losses = []
+    for step in steps:
+        x, y = rank_micro_batch(step, 0, dist.get_rank(), micro_bs, 1, world)
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
 def base_config(micro_bs: int = 2, gas: int = 1, world: int = 1, **extra) -> dict:
     cfg = {
         "train_batch_size": micro_bs * gas * world,

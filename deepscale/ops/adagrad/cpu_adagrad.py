@@ -5,6 +5,9 @@ from deepscale.ops.cpu_optimizer_base import CPUOptimizerBase
 class DeepScaleCPUAdagrad(CPUOptimizerBase):
     """Adagrad over CPU parameters (drop-in for ``DeepSpeedCPUAdagrad``).
 
+    State per parameter: ``sum`` (the running sum of squared gradients) and ``step``, as in
+    ``torch.optim.Adagrad``.
+
     Args:
         model_params: parameters or parameter groups.
         lr: learning rate. Default 1e-2.
@@ -16,7 +19,9 @@ class DeepScaleCPUAdagrad(CPUOptimizerBase):
     """
 
     OP_NAME = "cpu_adagrad"
-    STATE_NAMES = ("exp_avg_sq",)
+    # torch.optim.Adagrad's name for the sum of squared gradients (DeepSpeed calls it
+    # exp_avg_sq), so checkpoints move between the two implementations.
+    STATE_NAMES = ("sum",)
 
     def __init__(self, model_params, lr=1e-2, eps=1e-10, weight_decay=0, amsgrad=False, fp32_optimizer_states=True,
                  num_threads=None):

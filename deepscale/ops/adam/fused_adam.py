@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from deepscale.ops.cpu_optimizer_base import load_keeping_state_dtype, step_tensor
 from deepscale.ops.op_loader import load_op
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,6 +50,10 @@ class FusedAdam(torch.optim.Optimizer):
         """Clear gradients; ``set_to_none`` defaults to the constructor's ``set_grad_none``."""
         super().zero_grad(set_to_none=self.set_grad_none if set_to_none is None else set_to_none)
 
+    def load_state_dict(self, state_dict):
+        """Load a state dict of FusedAdam or of torch's Adam/AdamW (same state names); moments stay fp32."""
+        load_keeping_state_dtype(self, state_dict)
+
     def _cuda_op(self):
         if not self._op_tried:
             self._op_tried = True
@@ -71,35 +76,49 @@ class FusedAdam(torch.optim.Optimizer):
                     raise TypeError("FusedAdam does not support sparse gradients")
                 if p.dtype not in _SUPPORTED:
                     raise TypeError(f"FusedAdam supports float32, bfloat16 and float16 parameters, got {p.dtype}")
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-                buckets.setdefault((p.device, p.dtype), []).append(p)
+                step = self._next_step(self.state[p], p, group)
+                buckets.setdefault((p.device, p.dtype, step), []).append(p)
             if not buckets:
                 continue
-            group["step"] = group.get("step", 0) + 1
-            for (device, _dtype), params in buckets.items():
-                self._update_bucket(group, device, params)
+            group["step"] = max(step for _, _, step in buckets)
+            for (device, _dtype, step), params in buckets.items():
+                self._update_bucket(group, device, params, step)
         return loss
 
-    def _update_bucket(self, group, device, params):
+    @staticmethod
+    def _next_step(state, param, group):
+        """Create or advance ``param``'s state; returns its step number after this step.
+
+        The count is kept per parameter as a 0-dim float32 tensor, as torch's Adam keeps it,
+        so a checkpoint of either optimizer resumes the other. State loaded from a checkpoint
+        that counted per group (``group["step"]``) starts from that count.
+        """
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["step"] = step_tensor(0)
+        elif not torch.is_tensor(state.get("step")):
+            state["step"] = step_tensor(state.get("step", group.get("step", 0)))
+        state["step"] += 1
+        return int(state["step"])
+
+    def _update_bucket(self, group, device, params, step):
         grads = [p.grad if p.grad.dtype == p.dtype else p.grad.to(p.dtype) for p in params]
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         beta1, beta2 = group["betas"]
         op = self._cuda_op() if device.type == "cuda" else None
         if op is not None and all(p.is_contiguous() for p in params):
-            op.fused_adam_step(params, [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs, group["step"],
+            op.fused_adam_step(params, [g.contiguous() for g in grads], exp_avgs, exp_avg_sqs, step,
                                group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                                group["bias_correction"], self.adam_w_mode)
             return
-        self._torch_update(group, params, grads, exp_avgs, exp_avg_sqs)
+        self._torch_update(group, params, grads, exp_avgs, exp_avg_sqs, step)
 
-    def _torch_update(self, group, params, grads, exp_avgs, exp_avg_sqs):
+    def _torch_update(self, group, params, grads, exp_avgs, exp_avg_sqs, step):
         """torch's fused kernel for fp32 parameters with bias correction, foreach math otherwise."""
         beta1, beta2 = group["betas"]
-        lr, wd, eps, step = group["lr"], group["weight_decay"], group["eps"], group["step"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         half = params[0].dtype != torch.float32
         p32 = [p.float() for p in params] if half else list(params)
         g32 = [g.float() for g in grads] if half else list(grads)

@@ -11,6 +11,7 @@ from deepscale.launcher import runner
 from deepscale.launcher.launch import build_parser as launch_parser
 from deepscale.launcher.launch import resolve_node_rank
 from deepscale.launcher.multinode_runner import JobLaunch, get_runner
+from deepscale.launcher.threads import usable_cores
 from deepscale.launcher.world import WorldInfo
 
 WORLD = WorldInfo.from_resources({"node-a": [0, 1], "node-b": [0, 1]})
@@ -108,12 +109,14 @@ def test_dry_run_prints_each_node_command(tmp_path, monkeypatch, capsys):
 
 def test_dry_run_single_node(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     (tmp_path / "t.py").write_text("")
     assert runner.main(["--num_procs", "2", "--master_port", "1234", "--dry_run", "t.py", "a"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and lines[0] == "# deepscale dry run: 1 node (this host, node 0), 2 rank(s)"
     assert lines[2].startswith("RANK=1 LOCAL_RANK=1 WORLD_SIZE=2 LOCAL_SIZE=2 ")
     assert "MASTER_ADDR=127.0.0.1 MASTER_PORT=1234" in lines[2]
+    assert f" OMP_NUM_THREADS={max(1, usable_cores() // 2)} " in lines[2]  # the default the ranks would get
     assert lines[2].endswith(f"{sys.executable} -u t.py --local_rank=1 a")
 
 
@@ -166,12 +169,12 @@ def test_node_rank_sources():
 
 def test_node_launcher_flags_follow_runner_flags(tmp_path):
     args = argparse.Namespace(no_python=False, module=True, no_local_rank=True, bind_cores_to_rank=True,
-                              bind_core_list="0-3", log_dir="/logs", save_pid=False, user_script="pkg.train",
+                              rank_prefix=True, bind_core_list="0-3", log_dir="/logs", save_pid=False, user_script="pkg.train",
                               user_args=["--a", "1"])
     plan = types.SimpleNamespace(args=args)
     flags = runner.node_launcher_args(plan, 2, "h:1", "tok")
     assert flags == ["--controller=h:1", "--job_token=tok", "--restart_count=2", "--module", "--no_local_rank",
-                     "--bind_cores_to_rank", "--bind_core_list=0-3", "--log_dir=/logs", "pkg.train", "--a", "1"]
+                     "--bind_cores_to_rank", "--rank_prefix", "--bind_core_list=0-3", "--log_dir=/logs", "pkg.train", "--a", "1"]
     parsed = launch_parser().parse_args(["--world_info=x", "--master_addr=a", "--master_port=1"] + flags)
     assert parsed.module and parsed.no_local_rank and parsed.user_args == ["--a", "1"]
 

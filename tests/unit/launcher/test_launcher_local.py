@@ -13,13 +13,6 @@ from _launcher_helpers import (ENV_SCRIPT, FAIL_SCRIPT, base_env, deepscale_cmd,
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def out(tmp_path):
-    folder = tmp_path / "out"
-    folder.mkdir()
-    return folder
-
-
 def test_spawns_ranks_with_env_and_local_rank(tmp_path, out):
     script = write_script(tmp_path, "env.py", ENV_SCRIPT)
     port = free_port()

@@ -124,7 +124,7 @@ def test_fp32_params_match_float64_reference(kind, wd, bias_correction):
 _STATE_NAMES = {  # our state name -> the reference optimizer's
     "adam": {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
     "adamw": {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"},
-    "adagrad": {"exp_avg_sq": "sum"},
+    "adagrad": {"sum": "sum"},
     "lion": {"exp_avg": "exp_avg"},
 }
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
-from engine_test_models import base_config, make_model, rank_micro_batch
+from engine_test_models import base_config, make_model, rank_micro_batch, train_steps
 
 MICRO_BS = 2
 SCHED = {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_max_lr": 1e-2}}
@@ -24,15 +24,7 @@ def _engine(world_size, seed=1234, dtype=None):
 
 
 def _train(engine, world_size, steps):
-    import torch.distributed as dist
-    losses = []
-    for step in steps:
-        x, y = rank_micro_batch(step, 0, dist.get_rank(), MICRO_BS, 1, world_size)
-        loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
-    return losses
+    return train_steps(engine, steps, MICRO_BS, world_size)
 
 
 def _resume_run(world_size, ckpt_dir, dtype):

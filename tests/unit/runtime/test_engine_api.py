@@ -25,7 +25,7 @@ def test_initialize_returns_four_and_trains_from_config_file(tmp_path):
     engine, optimizer, loader, scheduler = deepscale.initialize(args=args, model=make_model(),
                                                                 training_data=_dataset())
     assert isinstance(engine, deepscale.DeepScaleEngine)
-    assert isinstance(optimizer, torch.optim.AdamW)
+    assert type(optimizer).__name__ in ("DeepScaleCPUAdam", "AdamW")  # compiled where its op builds
     assert scheduler is not None and engine.lr_scheduler is scheduler
     assert len(loader) == 6  # 24 samples / micro-batch 4
     for x, y in loader:

@@ -2,13 +2,22 @@
 import pytest
 import torch
 
-from deepscale.runtime.optim import Lion, build_optimizer
+from deepscale.runtime.optim import Lion, build_optimizer, compiled
 from deepscale.runtime.optim.factory import UNAVAILABLE_OPTIMIZER_NAMES, VALID_OPTIMIZER_NAMES
 
 
 def _model():
     torch.manual_seed(0)
     return torch.nn.Linear(3, 2)
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """The compiled optimizers' ops count as unavailable: the factory builds torch's optimizers.
+
+    (Which implementation is chosen, and when, is tested in test_compiled_optimizer_choice.py.)
+    """
+    monkeypatch.setattr(compiled, "load_op", lambda name, **kwargs: None)
 
 
 @pytest.mark.parametrize("name, params, cls", [
@@ -21,7 +30,7 @@ def _model():
     ("lion", {"lr": 1e-4}, Lion),
     ("RMSprop", {"lr": 0.01}, torch.optim.RMSprop),  # torch.optim fallback by exact class name
 ])
-def test_builds_each_name(name, params, cls):
+def test_builds_each_name(name, params, cls, torch_only):
     model = _model()
     opt = build_optimizer(name, params, model.parameters())  # a generator is fine
     assert type(opt) is cls
@@ -36,7 +45,7 @@ def test_adam_defaults_follow_deepspeed():
     assert torch_opt.defaults["weight_decay"] == 0.01  # torch_adam keeps torch's defaults
 
 
-def test_adam_uses_fused_kernel_on_cpu_unless_told_otherwise():
+def test_adam_uses_fused_kernel_on_cpu_unless_told_otherwise(torch_only):
     assert build_optimizer("adamw", {}, _model().parameters()).defaults["fused"] is True
     explicit = build_optimizer("adamw", {"foreach": True}, _model().parameters())
     assert explicit.defaults["fused"] is None and explicit.defaults["foreach"] is True
@@ -126,7 +135,7 @@ def test_bad_param_keys(name, params, pattern):
         build_optimizer(name, params, _model().parameters())
 
 
-def test_fused_adam_only_keys_accepted():
+def test_fused_adam_only_keys_accepted(torch_only):
     opt = build_optimizer("adam", {"bias_correction": True, "set_grad_none": True}, _model().parameters())
     assert isinstance(opt, torch.optim.AdamW)
 
