@@ -32,6 +32,8 @@ class Mutation:
 
 _ROBUST = "tests/unit/runtime/test_checkpoint_robustness.py"
 _AIO = "tests/unit/ops/test_aio.py"
+_PRECISION_GRADS = "tests/unit/runtime/test_precision_grads.py"
+_SGD_PARITY = "tests/unit/zero/test_sgd_grad_norm_parity.py"
 
 MUTATIONS = (
     Mutation(
@@ -133,15 +135,15 @@ MUTATIONS = (
         tests=(f"{_AIO}::test_failed_async_write_is_reported_at_wait_on_a_full_disk",
                f"{_AIO}::test_failed_async_write_to_a_device_is_reported_at_wait"),
     ),
-    # The three below belong to the gradient path; their tests live with it. Refresh the node
-    # ids when that work is merged (the files listed exist today).
+    # The gradient path (stage 0-3 reducers, the shared TrainingOptimizer step, precision).
     Mutation(
         name="dp-average-missing",
         bug_class="data-parallel gradients summed, not averaged (1/world_size dropped)",
         path="deepscale/runtime/grad_reducer.py",
         old="            post_scale = self.predivide_factor / self.world_size\n",
         new="            post_scale = self.predivide_factor\n",
-        tests=("tests/unit/runtime/test_grad_reducer.py", "tests/unit/runtime/test_engine_parity.py"),
+        tests=("tests/unit/runtime/test_grad_reducer.py", "tests/unit/runtime/test_engine_parity.py",
+               _SGD_PARITY),
     ),
     Mutation(
         name="fp16-clip-on-scaled-norm",
@@ -151,8 +153,8 @@ MUTATIONS = (
              "            coef *= self.clip_grad / (norm / scale + 1e-6)\n"),
         new=("        if self.clip_grad > 0 and norm > self.clip_grad:\n"
              "            coef *= self.clip_grad / (norm + 1e-6)\n"),
-        tests=("tests/unit/runtime/test_engine_parity.py", "tests/unit/runtime/test_fp16_overflow.py",
-               "tests/unit/zero/test_zero_precision.py"),
+        tests=(f"{_PRECISION_GRADS}::test_fp16_clipping_uses_the_unscaled_norm",
+               "tests/unit/runtime/test_fp16_overflow.py"),
     ),
     Mutation(
         name="bf16-grad-accumulation-in-bf16",
@@ -160,7 +162,38 @@ MUTATIONS = (
         path="deepscale/runtime/engine_setup.py",
         old="    accum = accum or torch.float32\n",
         new="    accum = accum or model_dtype\n",
-        tests=("tests/unit/runtime/test_engine_parity.py", "tests/unit/runtime/test_grad_reducer.py",
-               "tests/unit/zero/test_zero_precision.py"),
+        tests=(f"{_PRECISION_GRADS}::test_bf16_accumulates_micro_steps_in_fp32",),
+    ),
+    Mutation(
+        name="foreign-backward-consumed",
+        bug_class="an engine's gradient hooks take gradients from another engine's backward (GAN loops)",
+        path="deepscale/runtime/grad_reducer.py",
+        old="        if not self._armed:\n            self.foreign_after_sync = self.foreign_after_sync or self._synced\n            return\n",
+        new="        if False:\n            return\n",
+        tests=("tests/unit/runtime/test_two_engines.py",),
+    ),
+    Mutation(
+        name="non-finite-norm-applied",
+        bug_class="a NaN/inf gradient goes into the optimizer in fp32/bf16 training",
+        path="deepscale/runtime/precision/precision_optimizer.py",
+        old="        overflow = not math.isfinite(norm)\n",
+        new="        overflow = not math.isfinite(norm) and self.loss_scaler is not None\n",
+        tests=("tests/unit/runtime/test_step_guards.py::test_nan_gradient_skips_step_at_every_precision",),
+    ),
+    Mutation(
+        name="step-without-backward-applied",
+        bug_class="engine.step() with no backward since the last step counts a step silently",
+        path="deepscale/runtime/training_optimizer.py",
+        old="        if not self._backward_since_step:\n",
+        new="        if False:\n",
+        tests=("tests/unit/runtime/test_step_guards.py",),
+    ),
+    Mutation(
+        name="global-norm-not-reduced",
+        bug_class="partitioned gradients' norm taken over the local shard only (clipping and skip decisions differ per rank)",
+        path="deepscale/runtime/training_optimizer.py",
+        old="        dist.all_reduce(squares, group=self.group)\n",
+        new="",
+        tests=(_SGD_PARITY,),
     ),
 )
