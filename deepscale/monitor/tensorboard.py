@@ -22,6 +22,8 @@ class TensorBoardMonitor(Monitor):
     def write_events(self, event_list) -> None:
         for tag, value, step in event_list:
             self.writer.add_scalar(tag, value, step)
+        # Readable at once (and not lost by a crash) rather than at SummaryWriter's 2-minute flush.
+        self.writer.flush()
 
     def flush(self) -> None:
         self.writer.flush()
