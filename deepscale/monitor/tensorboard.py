@@ -1,4 +1,7 @@
-"""TensorBoard writer (``tensorboard`` section) over ``torch.utils.tensorboard.SummaryWriter``."""
+"""TensorBoard writer (``tensorboard`` section) over ``torch.utils.tensorboard.SummaryWriter``.
+
+Events reach the file within 10 seconds (``flush_secs``) and at ``close()``.
+"""
 import os
 
 from deepscale.monitor.base import Monitor, require
@@ -17,13 +20,20 @@ class TensorBoardMonitor(Monitor):
 
         self.log_dir = os.path.join(config.output_path or os.getcwd(), config.job_name)
         os.makedirs(self.log_dir, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=self.log_dir)
+        # Written to disk by SummaryWriter's thread every flush_secs and at close().
+        self.writer = SummaryWriter(log_dir=self.log_dir, flush_secs=10)
 
     def write_events(self, event_list) -> None:
+        # One event record per step holding all its scalars: what add_scalar writes, without its
+        # per-call cost (about 80 us each, a tenth of a millisecond step budget for ten tags).
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        by_step = {}
         for tag, value, step in event_list:
-            self.writer.add_scalar(tag, value, step)
-        # Readable at once (and not lost by a crash) rather than at SummaryWriter's 2-minute flush.
-        self.writer.flush()
+            by_step.setdefault(step, []).append(Summary.Value(tag=tag, simple_value=value))
+        file_writer = self.writer._get_file_writer()
+        for step, values in by_step.items():
+            file_writer.add_summary(Summary(value=values), step)
 
     def flush(self) -> None:
         self.writer.flush()
