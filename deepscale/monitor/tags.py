@@ -31,7 +31,8 @@ STEP_TAGS = (
     Tag(STEP_TIME_MS, "ms", "wall-clock time since the previous optimizer step ended (the first step: since its "
         "first forward)", "always"),
     Tag(MEMORY_ALLOCATED_GB, "GB", "accelerator memory allocated now (host RSS on CPU)", "always"),
-    Tag(MAX_MEMORY_ALLOCATED_GB, "GB", "peak accelerator memory allocated since the start (host peak RSS on CPU)",
+    Tag(MAX_MEMORY_ALLOCATED_GB, "GB", "peak accelerator memory allocated since the start (on CPU: host peak RSS, re-read "
+        "every 10 s and raised by the current RSS in between)",
         "always"),
 )
 

@@ -117,14 +117,22 @@ def _summary_body():
         dist.broadcast(x, 0)  # not in prof_ops: skipped
         dist.broadcast(x, 0, prof=True)  # forced
         selected = dist.log_summary(return_dict=True)
+        lines = []
+        dist.configure(verbose=True)
+        from deepscale.utils.logging import logger
+        logger.info, real_info = (lambda msg, *a, **k: lines.append(msg)), logger.info
+        try:
+            dist.all_reduce(x)
+        finally:
+            logger.info = real_info
     finally:
-        dist.configure(enabled=False, prof_all=True, prof_ops=[])
+        dist.configure(enabled=False, prof_all=True, prof_ops=[], verbose=False)
         dist.reset_comms_log()
-    return full, after_reset, selected
+    return full, after_reset, selected, lines
 
 
 def test_log_summary_dict_reset_and_op_selection():
-    for full, after_reset, selected in run_distributed(_summary_body, 2):
+    for full, after_reset, selected, verbose_lines in run_distributed(_summary_body, 2):
         assert sorted(full) == ["all_gather_into_tensor", "all_reduce", "weights_broadcast"]
         ar = full["all_reduce"][4000]
         assert ar["op"] == "all_reduce" and ar["count"] == 3 and len(ar["latencies_ms"]) == 3
@@ -140,6 +148,7 @@ def test_log_summary_dict_reset_and_op_selection():
         assert after_reset == {}
         assert {name: {s: r["count"] for s, r in v.items()} for name, v in selected.items()} == {
             "all_reduce": {4000: 1}, "broadcast": {4000: 1}}
+        assert len(verbose_lines) == 1 and verbose_lines[0].startswith("comm op: all_reduce | time (ms): ")
 
 
 def test_bus_bandwidth_factors_follow_nccl_tests():

@@ -117,6 +117,21 @@ def test_csv_monitor_appends_across_runs_and_plot_writes_a_png(tmp_path):
         plot_csv_dir(str(tmp_path))
 
 
+def test_tensorboard_events_are_readable_after_flush(tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard package is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    master = MonitorMaster({"tensorboard": {"enabled": True, "output_path": str(tmp_path), "job_name": "tb"}})
+    master.write_events([(tags.TRAIN_LOSS, 2.0, 8), (tags.LR, 0.5, 8)])
+    master.write_events([(tags.TRAIN_LOSS, 1.5, 16), ("Eval/loss", 1.25, 16)])
+    master.flush()  # before close: the run is still open
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars(tags.TRAIN_LOSS)] == [(8, 2.0), (16, 1.5)]
+    assert [(e.step, e.value) for e in acc.Scalars("Eval/loss")] == [(16, 1.25)]
+    master.close()
+
+
 def test_write_events_rejects_malformed_events(tmp_path):
     master = MonitorMaster({"csv_monitor": {"enabled": True, "output_path": str(tmp_path)}})
     with pytest.raises(TypeError, match="write_events"):
