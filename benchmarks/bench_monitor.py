@@ -69,6 +69,21 @@ def _config(args, variant, out_dir):
     return cfg
 
 
+def _comms_call_cost_us(dist, torch, calls=400):
+    """Median time of a 1-element all_reduce with the comms logger off and on, interleaved."""
+    x = torch.ones(1)
+    times = {False: [], True: []}
+    for i in range(calls):
+        enabled = bool(i % 2)
+        dist.configure(enabled=enabled)
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        times[enabled].append((time.perf_counter() - start) * 1e6)
+    dist.configure(enabled=False)
+    dist.reset_comms_log()
+    return {"off": median(times[False]), "on": median(times[True])}
+
+
 def _worker(rank, args, port, out_dir, result_path):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), WANDB_MODE="offline", WANDB_DIR=out_dir, WANDB_SILENT="true")
@@ -112,11 +127,15 @@ def _worker(rank, args, port, out_dir, result_path):
             if rnd >= args.warmup:
                 times[variant].append(elapsed * 1e3)
     calls = sum(r["count"] for by in dist.comms_logger.summary_dict().values() for r in by.values())
+    call_us = _comms_call_cost_us(dist, torch)
     for engine in engines.values():
         engine.destroy()
     if rank == 0:
         with open(result_path, "w") as handle:
-            json.dump({"times": times, "comm_calls_logged": calls, "write_ms": write_ms[args.warmup:]}, handle)
+            json.dump({"times": times, "comm_calls_logged": calls, "write_ms": write_ms[args.warmup:],
+                       "call_us": call_us}, handle)
+    dist.barrier()  # no rank leaves while another still uses the group
+    dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -134,11 +153,13 @@ def main(argv=None):
     print(f"{'variant':<10}{'median step ms':>16}{'vs off':>10}")
     for v in VARIANTS:
         print(f"{v:<10}{summary[v]['median_ms']:>16.2f}{summary[v]['overhead_pct']:>+9.2f}%")
+    call_us = result["call_us"]
+    print(f"1-element all_reduce: median {call_us['off']:.1f} us logger off, {call_us['on']:.1f} us on")
     write_ms = median(result["write_ms"])
     print(f"rank 0 monitor events (build + write_events): median {write_ms:.3f} ms per step ({100 * write_ms / base:.2f}% of the off "
           f"step)")
     print(json.dumps({"bench": "monitor", "order": args.order, "nproc": args.nproc, "rounds": args.rounds, "wandb": args.wandb,
-                      "comm_calls_logged": result["comm_calls_logged"], "write_events_ms": write_ms, **summary}))
+                      "comm_calls_logged": result["comm_calls_logged"], "write_events_ms": write_ms, "all_reduce_1elem_us": call_us, **summary}))
     return summary
 
 
