@@ -1,4 +1,4 @@
-"""Plot a CSV monitor directory: ``python -m deepscale.monitor.plot DIR [-o FILE]`` (also ``deepscale-plot``).
+"""Plot a CSV monitor directory: ``deepscale plot DIR [-o FILE]`` (also ``python -m deepscale.monitor.plot``).
 
 Reads the ``csv_monitor`` files of one job (``output_path/job_name``) and writes one PNG with
 a panel each for the loss, the learning rate and the throughput (samples/s, and tokens/s
@@ -72,7 +72,7 @@ def plot_csv_dir(csv_dir: str, output: Optional[str] = None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="deepscale-plot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="deepscale plot", description=__doc__.splitlines()[0])
     parser.add_argument("csv_dir", help="the CSV monitor directory (csv_monitor.output_path/job_name)")
     parser.add_argument("-o", "--output", default=None, help="PNG file to write (default CSV_DIR/training_curves.png)")
     args = parser.parse_args(argv)

@@ -3,13 +3,13 @@ user events, the plot command and the missing-package error."""
 import csv
 import glob
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from dist_harness import run_distributed
+from deepscale.launcher import runner
 from deepscale.monitor import MonitorMaster, MonitorPackageMissing, tags
 from deepscale.monitor.csv_monitor import csv_file_name
 from deepscale.monitor.plot import main as plot_main, plot_csv_dir
@@ -108,9 +108,7 @@ def test_csv_monitor_appends_across_runs_and_plot_writes_a_png(tmp_path):
     assert header == ["step", "train_loss"] and [s for s, _ in rows] == [8, 16, 24, 32, 40, 48]
 
     out = tmp_path / "curves.png"
-    proc = subprocess.run([sys.executable, "-m", "deepscale.monitor.plot", str(tmp_path / "run"), "-o", str(out)],
-                          capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
-    assert proc.returncode == 0, proc.stderr
+    assert runner.main(["plot", str(tmp_path / "run"), "-o", str(out)]) == 0  # the `deepscale plot` command
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
     assert plot_main([str(tmp_path)]) == 2  # a directory without monitor files
     with pytest.raises(ValueError, match="no monitor CSV files"):
