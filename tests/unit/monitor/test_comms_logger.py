@@ -109,6 +109,8 @@ def _summary_body():
             dist.all_reduce(x)
         dist.all_gather_into_tensor(out, x, async_op=True).wait()
         dist.broadcast(x, 0, log_name="weights_broadcast")
+        dist.reduce_scatter_tensor(torch.zeros(1000), torch.ones(1000 * world))
+        dist.all_to_all_single(torch.zeros(1000 * world), torch.ones(1000 * world))
         full = dist.log_summary(show_straggler=True, return_dict=True)
         dist.reset_comms_log()
         after_reset = dist.log_summary(return_dict=True)
@@ -133,7 +135,11 @@ def _summary_body():
 
 def test_log_summary_dict_reset_and_op_selection():
     for full, after_reset, selected, verbose_lines in run_distributed(_summary_body, 2):
-        assert sorted(full) == ["all_gather_into_tensor", "all_reduce", "weights_broadcast"]
+        assert sorted(full) == ["all_gather_into_tensor", "all_reduce", "all_to_all_single", "reduce_scatter_tensor",
+                                "weights_broadcast"]
+        for op in ("reduce_scatter_tensor", "all_to_all_single"):  # the input: 2 ranks x 4000 bytes
+            assert list(full[op]) == [8000] and full[op][8000]["count"] == 1
+            assert full[op][8000]["busbw_gbps"] == pytest.approx(full[op][8000]["algbw_gbps"] / 2)
         ar = full["all_reduce"][4000]
         assert ar["op"] == "all_reduce" and ar["count"] == 3 and len(ar["latencies_ms"]) == 3
         assert ar["total_latency_ms"] == pytest.approx(sum(ar["latencies_ms"]))
