@@ -22,7 +22,7 @@ BREAKDOWN_PREFIX = "Train/Samples/elapsed_time_ms_"
 STEP_TAGS = (
     Tag(TRAIN_LOSS, "loss", "rank 0's loss, averaged over the micro-batches of the step", "always"),
     Tag(LR, "lr", "learning rate of the first parameter group after the step", "always"),
-    Tag(LOSS_SCALE, "scale", "loss scale used by the step (1.0 without fp16 loss scaling)", "always"),
+    Tag(LOSS_SCALE, "scale", "fp16 loss scale after the step (halved there on an overflow; 1.0 without fp16)", "always"),
     Tag(GRAD_NORM, "norm", "global gradient norm before clipping", "not written for a skipped (overflow) step"),
     Tag(SAMPLES_PER_SEC, "samples/s", "train_batch_size divided by the step time", "always"),
     Tag(TOKENS_PER_SEC, "tokens/s",

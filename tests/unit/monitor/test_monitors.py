@@ -181,3 +181,26 @@ def test_monitoring_doc_lists_exactly_the_code_tags():
         doc = handle.read()
     assert tags.tags_markdown() in doc, ("docs/monitoring.md is out of date; paste "
                                          "deepscale.monitor.tags.tags_markdown() into it")
+
+
+def _fp16_csv_body(out_dir):
+    import torch.distributed as dist
+    import deepscale
+
+    cfg = engine_config(2, 1, dist.get_world_size(), fp16={"enabled": True, "initial_scale_power": 4},
+                        csv_monitor={"enabled": True, "output_path": out_dir, "job_name": "fp16"})
+    engine, _, _, _ = deepscale.initialize(model=TokenNet(), config=cfg)
+    scales = []
+    for step in range(2):
+        engine.backward(engine(*token_batch(step, 0, dist.get_rank(), 2)))
+        engine.step()
+        scales.append(engine.loss_scale)  # the tag holds the scale after the step
+    engine.destroy()
+    return scales
+
+
+def test_loss_scale_tag_follows_the_fp16_loss_scale(tmp_path):
+    scales = run_distributed(_fp16_csv_body, 2, args=(str(tmp_path),))[0]
+    header, rows = _read_csv(tmp_path / "fp16" / csv_file_name(tags.LOSS_SCALE))
+    assert header == ["step", "loss_scale"]
+    assert rows == [(4, scales[0]), (8, scales[1])] and scales[0] == 16.0
