@@ -52,6 +52,21 @@ class _NoOpEvent:
         return 0.0
 
 
+_process = None
+
+
+def _this_process():
+    """A cached ``psutil.Process`` of this process (re-made after a fork).
+
+    Building one reads /proc/<pid>/stat, which takes milliseconds in a busy process with many
+    threads; the monitors read the RSS every training step.
+    """
+    global _process
+    if _process is None or _process.pid != os.getpid():
+        _process = psutil.Process()
+    return _process
+
+
 class CPUAccelerator(Accelerator):
     """Runs everything on host memory and cores; one "device" per local rank."""
 
@@ -105,7 +120,7 @@ class CPUAccelerator(Accelerator):
 
     def memory_allocated(self, device_index=None) -> int:
         """Resident set size of this process: the closest CPU analogue of allocated bytes."""
-        return psutil.Process().memory_info().rss
+        return _this_process().memory_info().rss
 
     def max_memory_allocated(self, device_index=None) -> int:
         """Peak resident set size of this process (``ru_maxrss``)."""

@@ -8,6 +8,7 @@ from deepscale.comm.comm import (DEFAULT_TIMEOUT, ReduceOp, all_gather, all_gath
                                  get_rank, get_world_group, get_world_size, init_distributed, irecv, is_available,
                                  is_initialized, isend, new_group, recv, reduce, reduce_scatter,
                                  reduce_scatter_tensor, scatter, send)
+from deepscale.comm.comms_hook import comms_logger, configure, log_summary, reset_comms_log
 from deepscale.comm.topology import AXIS_ORDER, ParallelTopology, ProcessGroups
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -14,6 +14,7 @@ import torch.distributed as _dist
 
 from deepscale.accelerator import get_accelerator
 from deepscale.comm import env_discovery
+from deepscale.comm.comms_hook import logged
 from deepscale.utils.logging import logger
 
 # Same default as torch: 30 minutes before a collective gives up.
@@ -125,72 +126,103 @@ def new_group(ranks=None, timeout=None, backend=None):
     return _dist.new_group(ranks=ranks, timeout=timeout, backend=backend)
 
 
+# --- message sizes for the comms logger (nccl-tests conventions, see utils/comms_logging.py) -----
+# Each takes the wrapper's bound arguments (a dict by parameter name) and returns bytes.
+def _nbytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _tensor_bytes(a) -> int:
+    return _nbytes(a["tensor"])
+
+
+def _whole_list_bytes(a) -> int:
+    """gather/scatter: the tensor times the group size (the whole gathered or scattered list)."""
+    return _nbytes(a["tensor"]) * get_world_size(a["group"])
+
+
+@logged("barrier", lambda a: 0)
 def barrier(group=None, async_op: bool = False):
     if not is_initialized():
         return None
     return _dist.barrier(group=group, async_op=async_op)
 
 
+@logged("all_reduce", _tensor_bytes)
 def all_reduce(tensor: torch.Tensor, op=ReduceOp.SUM, group=None, async_op: bool = False):
     return _dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
 
 
+@logged("reduce", _tensor_bytes)
 def reduce(tensor: torch.Tensor, dst: int, op=ReduceOp.SUM, group=None, async_op: bool = False):
     return _dist.reduce(tensor, dst, op=op, group=group, async_op=async_op)
 
 
+@logged("broadcast", _tensor_bytes)
 def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False):
     return _dist.broadcast(tensor, src, group=group, async_op=async_op)
 
 
+@logged("all_gather", lambda a: sum(_nbytes(t) for t in a["tensor_list"]))
 def all_gather(tensor_list, tensor: torch.Tensor, group=None, async_op: bool = False):
     return _dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
 
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives (*_single) and deprecated the old
 # names; use whichever this torch has so users see no deprecation warnings.
-_all_gather_single = getattr(_dist, "all_gather_single", None) or _dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(_dist, "reduce_scatter_single", None) or _dist.reduce_scatter_tensor
+# Looked up by name at each call, so a wrapper installed on torch.distributed sees them too.
+_ALL_GATHER_SINGLE = "all_gather_single" if hasattr(_dist, "all_gather_single") else "all_gather_into_tensor"
+_REDUCE_SCATTER_SINGLE = "reduce_scatter_single" if hasattr(_dist, "reduce_scatter_single") else "reduce_scatter_tensor"
 
 
+@logged("all_gather_into_tensor", lambda a: _nbytes(a["output_tensor"]))
 def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op: bool = False):
-    return _all_gather_single(output_tensor, input_tensor, group=group, async_op=async_op)
+    return getattr(_dist, _ALL_GATHER_SINGLE)(output_tensor, input_tensor, group=group, async_op=async_op)
 
 
+@logged("reduce_scatter", lambda a: sum(_nbytes(t) for t in a["input_list"]))
 def reduce_scatter(output, input_list, op=ReduceOp.SUM, group=None, async_op: bool = False):
     return _dist.reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
 
 
+@logged("reduce_scatter_tensor", lambda a: _nbytes(a["input"]))
 def reduce_scatter_tensor(output, input, op=ReduceOp.SUM, group=None, async_op: bool = False):
-    return _reduce_scatter_single(output, input, op=op, group=group, async_op=async_op)
+    return getattr(_dist, _REDUCE_SCATTER_SINGLE)(output, input, op=op, group=group, async_op=async_op)
 
 
+@logged("all_to_all_single", lambda a: _nbytes(a["input"]))
 def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
                       async_op: bool = False):
     return _dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group,
                                    async_op=async_op)
 
 
+@logged("gather", _whole_list_bytes)
 def gather(tensor, gather_list=None, dst: int = 0, group=None, async_op: bool = False):
     return _dist.gather(tensor, gather_list, dst=dst, group=group, async_op=async_op)
 
 
+@logged("scatter", _whole_list_bytes)
 def scatter(tensor, scatter_list=None, src: int = 0, group=None, async_op: bool = False):
     return _dist.scatter(tensor, scatter_list, src=src, group=group, async_op=async_op)
 
 
+@logged("send", _tensor_bytes)
 def send(tensor, dst: int, group=None, tag: int = 0):
     return _dist.send(tensor, dst, group=group, tag=tag)
 
 
+@logged("recv", _tensor_bytes)
 def recv(tensor, src=None, group=None, tag: int = 0):
     return _dist.recv(tensor, src, group=group, tag=tag)
 
 
+@logged("isend", _tensor_bytes)
 def isend(tensor, dst: int, group=None, tag: int = 0):
     return _dist.isend(tensor, dst, group=group, tag=tag)
 
 
+@logged("irecv", _tensor_bytes)
 def irecv(tensor, src=None, group=None, tag: int = 0):
     return _dist.irecv(tensor, src, group=group, tag=tag)
 

@@ -3,7 +3,8 @@
 On one node the runner starts the ranks itself. On several nodes (or with ``--force_multi``)
 it starts a job controller, then one per-node launcher on every node through the chosen
 ``--launcher``, and waits for the job's verdict. ``--max_restarts`` reruns a failed job.
-``deepscale report`` prints the environment report (``deepscale.env_report``).
+``deepscale report`` prints the environment report (``deepscale.env_report``); ``deepscale plot
+DIR`` draws a CSV monitor directory (``deepscale.monitor.plot``).
 """
 import importlib
 import os
@@ -154,6 +155,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         return _dispatch_report(argv[1:])
+    if argv[:1] == ["plot"]:  # imported only here: it needs torch and matplotlib
+        return importlib.import_module("deepscale.monitor.plot").main(argv[1:])
     args = parse_args(argv)
     if args.version:
         from deepscale.version import __version__

@@ -160,6 +160,12 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         """Current momentum (SGD) or beta1 (Adam family) of each param group."""
         return [g.get("betas", (g.get("momentum"),))[0] for g in self._train_opt.param_groups]
 
+    @property
+    def monitor(self):
+        """The ``MonitorMaster`` of the config's monitor sections: ``engine.monitor.write_events([(tag, value,
+        step), ...])`` writes user scalars (rank 0 only)."""
+        return self._reporter.monitor
+
     def get_global_grad_norm(self) -> Optional[float]:
         """Global gradient norm of the last optimizer step (before clipping); None after an overflow."""
         return self._train_opt.last_grad_norm
@@ -178,7 +184,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
     # --- training -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         """Run the wrapped module; floating inputs are cast to the model dtype under fp16/bf16."""
-        self._reporter.start("forward")
+        self._reporter.start("forward", inputs=(args, kwargs))
         # A half/bf16 model cannot consume fp32 activations; integer inputs (token ids) are left alone.
         if self.model_dtype != torch.float32:
             args, kwargs = cast_floating_inputs((args, kwargs), self.model_dtype)
@@ -373,8 +379,9 @@ class Engine(EngineCompatMixin, torch.nn.Module):
 
     # --- teardown -------------------------------------------------------------------------
     def destroy(self) -> None:
-        """Remove the engine's hooks from the model and free its buffers."""
+        """Remove the engine's hooks from the model, free its buffers and close the monitors."""
         self._train_opt.destroy()
+        self._reporter.close()
 
 
 DeepSpeedEngine = Engine  # DeepSpeed's name: `deepspeed.runtime.engine.DeepSpeedEngine` type checks

@@ -1,4 +1,4 @@
-"""Runtime helpers users call directly (``set_random_seed``) and RNG state capture."""
+"""Runtime helpers users call directly (``set_random_seed``, ``see_memory_usage``) and RNG state capture."""
 import random
 
 import numpy as np
@@ -37,3 +37,31 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "accelerator" in states and get_accelerator().device_name() != "cpu":
         get_accelerator().set_rng_state(states["accelerator"])
+
+
+def see_memory_usage(message: str, force: bool = False) -> None:
+    """Log accelerator and host memory use on rank 0, then reset the accelerator's peak counters.
+
+    Args:
+        message: text printed before the figures (where in the program this is).
+        force: log only when True (DeepSpeed's convention: calls sprinkled through code stay
+            silent unless forced). Default False.
+
+    Figures, in GB: MA (allocated now), Max_MA (peak allocated since the previous call), CA
+    (reserved by the caching allocator), Max_CA (peak reserved), and the host's virtual memory
+    use. On CPU the accelerator figures are the process's resident memory.
+    """
+    if not force:
+        return
+    import psutil
+
+    from deepscale.utils.logging import log_dist
+
+    accel = get_accelerator()
+    gb = float(1 << 30)
+    vm = psutil.virtual_memory()
+    log_dist(f"{message} | MA {accel.memory_allocated() / gb:.2f} GB | Max_MA {accel.max_memory_allocated() / gb:.2f} "
+             f"GB | CA {accel.memory_reserved() / gb:.2f} GB | Max_CA {accel.max_memory_reserved() / gb:.2f} GB | "
+             f"CPU Virtual Memory: used = {(vm.total - vm.available) / gb:.2f} GB, percent = {vm.percent}%",
+             ranks=[0])
+    accel.reset_peak_memory_stats()
