@@ -32,10 +32,13 @@ class ModuleHooks:
         name: its qualified name (for messages).
         coordinator: the model's coordinator.
         is_root: whether this is the model the engine wraps.
+        index: the module's position in ``model.named_modules()`` (the same on every rank).
     """
 
-    def __init__(self, module: torch.nn.Module, name: str, coordinator: ParamCoordinator, is_root: bool):
+    def __init__(self, module: torch.nn.Module, name: str, coordinator: ParamCoordinator, is_root: bool,
+                 index: int = 0):
         self.module, self.name, self.coordinator, self.is_root = module, name or "<root>", coordinator, is_root
+        self.index = index
         self._own = self._groups_of(module.parameters(recurse=False))
         self._handles = [module.register_forward_pre_hook(self._pre_forward),
                          module.register_forward_hook(self._post_forward)]
@@ -60,8 +63,7 @@ class ModuleHooks:
     def _pre_forward(self, module, args):
         if self.is_root:
             self.coordinator.begin_forward()
-        self.coordinator.module_stack.append(self.name)
-        self.coordinator.last_module = self.name
+        self.coordinator.enter_module(self.name, self.index)
         groups = self.groups()
         if groups:
             self.coordinator.acquire(groups)
@@ -112,5 +114,5 @@ class ModuleHooks:
 
 def install_module_hooks(model: torch.nn.Module, coordinator: ParamCoordinator) -> List[ModuleHooks]:
     """One :class:`ModuleHooks` per submodule of ``model`` (each module once, even if shared)."""
-    return [ModuleHooks(module, name, coordinator, is_root=module is model)
-            for name, module in model.named_modules()]
+    return [ModuleHooks(module, name, coordinator, is_root=module is model, index=index)
+            for index, (name, module) in enumerate(model.named_modules())]
