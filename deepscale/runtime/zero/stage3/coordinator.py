@@ -262,7 +262,11 @@ class ParamCoordinator:
         group.reported.clear()
         work, output, flat = group.start_reduce(self.comm_dtype, self.trainable_of[group.index])
         self._pending.append((work, group, output, flat))
-        while len(self._pending) > _MAX_PENDING_REDUCES:
+        # Only reduces that already finished are completed here: another rank may launch its
+        # reduces later (a group whose gradients came in only partly waits for the end of its
+        # backward), and blocking on one would stop this rank's backward all-gathers, which
+        # that rank's backward waits for.
+        while len(self._pending) > _MAX_PENDING_REDUCES and self._pending[0][0].is_completed():
             self._complete_oldest()
 
     def _complete_oldest(self) -> None:
