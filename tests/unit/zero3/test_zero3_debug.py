@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
-from _zero3_helpers import STAGE3_SMALL, build_gpt_engine
-from _zero3_models import gpt_rank_batch, make_gpt
+from _zero3_models import make_gpt
 
 
 class Branchy(torch.nn.Module):
@@ -70,11 +69,29 @@ def test_ranks_taking_different_branches_get_a_desync_error_naming_the_modules(c
         assert "branch_a" in message and "branch_b" in message, message
 
 
-def _unregistered_external(world):
-    engine = build_gpt_engine(3, world, model_kwargs={"register_external": False}, **STAGE3_SMALL)
-    idx, tgt = gpt_rank_batch(0, 0, 0, 2, 1, world)
+class CapturedWeight(torch.nn.Module):
+    """Reads a child's weight through a reference kept in a list: no attribute lookup to see."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 1)
+        self.refs = [self.emb.weight]
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.linear(x, self.refs[0])).mean()
+
+
+def _captured_external(world):
+    import deepscale
+    torch.manual_seed(0)
+    model = CapturedWeight()
+    cfg = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1,
+           "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine, _, _, _ = deepscale.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     try:
-        engine(idx, tgt)
+        engine(torch.randn(1, 16))
     except RuntimeError as error:
         return type(error).__name__, str(error)
     finally:
@@ -82,10 +99,11 @@ def _unregistered_external(world):
     return None, "no error"
 
 
-def test_unregistered_external_parameter_gets_an_error_telling_how_to_register_it():
-    name, message = run_distributed(_unregistered_external, 1, args=(1,))[0]
+def test_external_parameter_that_cannot_be_registered_automatically_gets_an_error():
+    # (a parent reading ``self.child.weight`` is registered automatically: test_zero3_external_and_leaf)
+    name, message = run_distributed(_captured_external, 1, args=(1,))[0]
     assert name == "ExternalParameterError", message
-    assert "'wpe.weight'" in message and "'<root>'" in message
+    assert "'emb.weight'" in message and "'<root>'" in message
     assert "deepscale.zero.register_external_parameter" in message
 
 

@@ -69,6 +69,7 @@ class ParamCoordinator:
         self._bwd_cursor = -1
         self.live_numel = self.peak_live_numel = self.inflight_numel = 0
         self.module_stack: List[str] = []
+        self.running_hooks: List = []  # the ModuleHooks of the modules whose forward runs
         self.last_module: Optional[str] = None
         self._modules_run = 0
         self._pending: List[tuple] = []
@@ -115,6 +116,8 @@ class ParamCoordinator:
         if self.training == TrainingState.FORWARD:  # the previous forward raised
             logger.debug("ZeRO-3: a forward began before the previous one ended; releasing its groups")
             self.release_all()
+            self.module_stack.clear()
+            self.running_hooks.clear()
             self.training.to(TrainingState.IDLE)
         if self.training != TrainingState.IDLE:
             return  # forward during backward: activation checkpointing recomputes
@@ -293,6 +296,7 @@ class ParamCoordinator:
             group.users = 0
             self.release(group, force=True)
         self.module_stack.clear()
+        self.running_hooks.clear()
         if self.training == TrainingState.BACKWARD:
             self.training.to(TrainingState.IDLE)
 

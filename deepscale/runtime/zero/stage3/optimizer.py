@@ -25,7 +25,7 @@ from deepscale.runtime.zero.stage3.coordinator import ParamCoordinator
 from deepscale.runtime.zero.stage3.external_check import PartitionedUseCheck
 from deepscale.runtime.zero.stage3.full_access import Stage3TensorAccess
 from deepscale.runtime.zero.stage3.grouping import DEFAULT_GROUP_NUMEL, build_groups
-from deepscale.runtime.zero.stage3.hooks import install_module_hooks
+from deepscale.runtime.zero.stage3.hooks import install_module_hooks, remove_module_hooks
 from deepscale.runtime.zero.stage3.param_group import ParamGroup
 from deepscale.runtime.zero.stage3.sequence_check import debug_enabled_from_env
 from deepscale.runtime.zero.stage3.state_dict import (full_state_dict, gather_full_weights, install_load_hooks,
@@ -376,8 +376,7 @@ class Stage3Optimizer:
         self.publish_masters()
 
     def destroy(self) -> None:
-        for hooks in self._module_hooks:
-            hooks.remove()
+        remove_module_hooks(self._module, self._module_hooks)
         for handle in self._handles:
             handle.remove()
         self._module_hooks, self._handles = [], []
