@@ -195,8 +195,11 @@ def _watched(name: str, tensor, async_op: bool, call):
     if async_op:
         work = call()
         return WatchedWork(work, record, watchdog) if work is not None else None
-    with watchdog.waiting(record):
+    key = watchdog.begin_wait(record)
+    try:
         return call()
+    finally:
+        watchdog.end_wait(key)
 
 
 # --- collectives (each one watched) ---------------------------------------------------------
