@@ -26,9 +26,12 @@ Note: one collective per group, then a copy. A multi-parameter group is gathered
 into the staging buffer by one collective (on gloo: one broadcast per owner row for large
 groups, see ``collectives.py``) and copied out parameter by parameter. Gathering each
 parameter's column block straight into place instead needs one broadcast per parameter and
-owner: on gloo each costs a fixed ~0.15 ms of latency, which on a small model made up most of
-ZeRO-3's fixed per-step cost (34 broadcasts of a 30K-element group: 5.6 ms, one all-gather:
-0.5 ms; the copy-out of a 2M-element group costs about 1 ms).
+owner: on gloo each costs a fixed latency, which for groups of small parameters (the
+persistent group of biases and norms, re-gathered after every step) made up most of ZeRO-3's
+fixed per-step cost (34 broadcasts of a 30K-element group: 5.6 ms, one all-gather: 0.5 ms).
+For groups of large parameters on gloo the balance turns: the copy-out costs more CPU than the
+broadcasts' latency, so they are still gathered straight into place
+(``CollectiveRunner.gathers_in_place``).
 """
 from typing import List, Optional, Sequence
 
@@ -130,6 +133,10 @@ class ParamGroup:
         full = self._full.acquire()
         if len(self.params) == 1:
             self._gathered = full  # the rows are the padded parameter: gather in place
+        elif self.runner.gathers_in_place(self.numel, len(self.params)):
+            self._gathered = full  # large parameters on gloo: per-owner broadcasts straight into place
+            self._work = self.runner.gather_pieces(full, self.shard_flat, self.offsets, self.chunks, self.gather_info)
+            return
         else:
             if self._staging is None:
                 self._staging = ReleasableBuffer(numel, self.dtype, self.device)
