@@ -136,7 +136,8 @@ class CollectiveWatchdog:
         while not self._stop.wait(self.poll_s):
             self._publish()
             now = time.monotonic()
-            overdue = [entry for entry in list(self._waits.values()) if not entry[2] and now - entry[0] > self.timeout_s]
+            overdue = [entry for entry in list(self._waits.values())
+                       if not entry[2] and now - entry[0] > self.timeout_s]
             for entry in overdue:
                 entry[2] = True
             for start, record, _ in overdue:
