@@ -3,7 +3,9 @@
 The wrappers mirror the torch.distributed names users already call, so
 ``import deepscale.comm as dist`` works as a drop-in. They add two things: a single
 ``init_distributed`` that understands every launcher's environment, and functions that
-behave sensibly before initialisation (rank 0 of a world of 1).
+behave sensibly before initialisation (rank 0 of a world of 1). Every collective is also
+registered with the process's collective watchdog (``watchdog.py``), which reports (or aborts
+on) one that waits too long.
 """
 import datetime
 import os
@@ -15,6 +17,8 @@ import torch.distributed as _dist
 from deepscale.accelerator import get_accelerator
 from deepscale.comm import env_discovery
 from deepscale.comm.comms_hook import logged
+from deepscale.comm.watchdog import (DEFAULT_TIMEOUT_S as DEFAULT_WATCHDOG_TIMEOUT_S, CollectiveWatchdog,
+                                     WatchedWork, settings_from_env)
 from deepscale.utils.logging import logger
 
 # Same default as torch: 30 minutes before a collective gives up.
@@ -97,6 +101,10 @@ def init_distributed(dist_backend: Optional[str] = None,
 
 
 def destroy_process_group(group=None) -> None:
+    global _watchdog
+    if group is None and _watchdog is not None:  # its store and ranks belong to the group
+        _watchdog.close()
+        _watchdog = None
     if is_initialized():
         _dist.destroy_process_group(group)
 
@@ -126,6 +134,78 @@ def new_group(ranks=None, timeout=None, backend=None):
     return _dist.new_group(ranks=ranks, timeout=timeout, backend=backend)
 
 
+# --- the collective watchdog (comm/watchdog.py) ---------------------------------------------
+_watchdog: Optional[CollectiveWatchdog] = None
+
+
+def _default_store():
+    try:
+        return _dist.distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+def configure_watchdog(timeout_s: Optional[float] = None, action: Optional[str] = None,
+                       poll_s: Optional[float] = None) -> CollectiveWatchdog:
+    """(Re)configure this process's collective watchdog, which covers every collective issued
+    through ``deepscale.comm``.
+
+    Args:
+        timeout_s: seconds a collective may wait before it is reported; 0 disables. Default 300.
+        action: ``"log"`` (report on every rank that waits) or ``"abort"`` (report, then exit
+            the process with code 75). Default ``"log"``.
+        poll_s: how often the watchdog thread looks. Default: a quarter of the timeout, at most 1 s.
+
+    ``DEEPSCALE_WATCHDOG_TIMEOUT`` and ``DEEPSCALE_WATCHDOG_ACTION`` override both arguments.
+    Call after the process group exists (``deepscale.initialize`` does, from the config's
+    ``collective_watchdog`` section).
+    """
+    global _watchdog
+    timeout_s, action = settings_from_env(DEFAULT_WATCHDOG_TIMEOUT_S if timeout_s is None else timeout_s,
+                                          action or "log")
+    previous = _watchdog
+    step = previous.step if previous is not None else 0
+    if previous is not None:
+        previous.close()
+    _watchdog = CollectiveWatchdog(timeout_s, action, rank=get_rank(), world_size=get_world_size(),
+                                   store=_default_store() if is_initialized() else None, poll_s=poll_s)
+    _watchdog.step = step
+    return _watchdog
+
+
+def get_watchdog() -> CollectiveWatchdog:
+    """This process's collective watchdog (created with the defaults on first use)."""
+    return _watchdog if _watchdog is not None else configure_watchdog()
+
+
+def set_training_step(step: int) -> None:
+    """Tell the watchdog which training step the next collectives belong to (for its reports)."""
+    get_watchdog().step = int(step)
+
+
+def collective_label(text: str):
+    """Context manager: collectives issued inside are reported with ``text`` (what they are for)."""
+    return get_watchdog().label(text)
+
+
+def _watched(name: str, tensor, async_op: bool, call):
+    watchdog = _watchdog if _watchdog is not None else get_watchdog()
+    if not watchdog.enabled:
+        return call()
+    record = watchdog.issued(name, tensor)
+    if async_op:
+        work = call()
+        return WatchedWork(work, record, watchdog) if work is not None else None
+    key = watchdog.begin_wait(record)
+    try:
+        return call()
+    finally:
+        watchdog.end_wait(key)
+
+
+# --- collectives (each one watched) ---------------------------------------------------------
+
+
 # --- message sizes for the comms logger (nccl-tests conventions, see utils/comms_logging.py) -----
 # Each takes the wrapper's bound arguments (a dict by parameter name) and returns bytes.
 def _nbytes(tensor) -> int:
@@ -145,27 +225,31 @@ def _whole_list_bytes(a) -> int:
 def barrier(group=None, async_op: bool = False):
     if not is_initialized():
         return None
-    return _dist.barrier(group=group, async_op=async_op)
+    return _watched("barrier", None, async_op, lambda: _dist.barrier(group=group, async_op=async_op))
 
 
 @logged("all_reduce", _tensor_bytes)
 def all_reduce(tensor: torch.Tensor, op=ReduceOp.SUM, group=None, async_op: bool = False):
-    return _dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    return _watched("all_reduce", tensor, async_op,
+                    lambda: _dist.all_reduce(tensor, op=op, group=group, async_op=async_op))
 
 
 @logged("reduce", _tensor_bytes)
 def reduce(tensor: torch.Tensor, dst: int, op=ReduceOp.SUM, group=None, async_op: bool = False):
-    return _dist.reduce(tensor, dst, op=op, group=group, async_op=async_op)
+    return _watched("reduce", tensor, async_op,
+                    lambda: _dist.reduce(tensor, dst, op=op, group=group, async_op=async_op))
 
 
 @logged("broadcast", _tensor_bytes)
 def broadcast(tensor: torch.Tensor, src: int, group=None, async_op: bool = False):
-    return _dist.broadcast(tensor, src, group=group, async_op=async_op)
+    return _watched("broadcast", tensor, async_op,
+                    lambda: _dist.broadcast(tensor, src, group=group, async_op=async_op))
 
 
 @logged("all_gather", lambda a: sum(_nbytes(t) for t in a["tensor_list"]))
 def all_gather(tensor_list, tensor: torch.Tensor, group=None, async_op: bool = False):
-    return _dist.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+    return _watched("all_gather", tensor, async_op,
+                    lambda: _dist.all_gather(tensor_list, tensor, group=group, async_op=async_op))
 
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives (*_single) and deprecated the old
@@ -177,62 +261,69 @@ _REDUCE_SCATTER_SINGLE = "reduce_scatter_single" if hasattr(_dist, "reduce_scatt
 
 @logged("all_gather_into_tensor", lambda a: _nbytes(a["output_tensor"]))
 def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op: bool = False):
-    return getattr(_dist, _ALL_GATHER_SINGLE)(output_tensor, input_tensor, group=group, async_op=async_op)
+    return _watched("all_gather_into_tensor", input_tensor, async_op,
+                    lambda: getattr(_dist, _ALL_GATHER_SINGLE)(output_tensor, input_tensor, group=group, async_op=async_op))
 
 
 @logged("reduce_scatter", lambda a: sum(_nbytes(t) for t in a["input_list"]))
 def reduce_scatter(output, input_list, op=ReduceOp.SUM, group=None, async_op: bool = False):
-    return _dist.reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+    return _watched("reduce_scatter", output, async_op,
+                    lambda: _dist.reduce_scatter(output, input_list, op=op, group=group, async_op=async_op))
 
 
 @logged("reduce_scatter_tensor", lambda a: _nbytes(a["input"]))
 def reduce_scatter_tensor(output, input, op=ReduceOp.SUM, group=None, async_op: bool = False):
-    return getattr(_dist, _REDUCE_SCATTER_SINGLE)(output, input, op=op, group=group, async_op=async_op)
+    return _watched("reduce_scatter_tensor", input, async_op,
+                    lambda: getattr(_dist, _REDUCE_SCATTER_SINGLE)(output, input, op=op, group=group, async_op=async_op))
 
 
 @logged("all_to_all_single", lambda a: _nbytes(a["input"]))
 def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
                       async_op: bool = False):
-    return _dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group=group,
-                                   async_op=async_op)
+    return _watched("all_to_all_single", input, async_op,
+                    lambda: _dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes,
+                                                    group=group, async_op=async_op))
 
 
 @logged("gather", _whole_list_bytes)
 def gather(tensor, gather_list=None, dst: int = 0, group=None, async_op: bool = False):
-    return _dist.gather(tensor, gather_list, dst=dst, group=group, async_op=async_op)
+    return _watched("gather", tensor, async_op,
+                    lambda: _dist.gather(tensor, gather_list, dst=dst, group=group, async_op=async_op))
 
 
 @logged("scatter", _whole_list_bytes)
 def scatter(tensor, scatter_list=None, src: int = 0, group=None, async_op: bool = False):
-    return _dist.scatter(tensor, scatter_list, src=src, group=group, async_op=async_op)
+    return _watched("scatter", tensor, async_op,
+                    lambda: _dist.scatter(tensor, scatter_list, src=src, group=group, async_op=async_op))
 
 
 @logged("send", _tensor_bytes)
 def send(tensor, dst: int, group=None, tag: int = 0):
-    return _dist.send(tensor, dst, group=group, tag=tag)
+    return _watched(f"send to rank {dst}", tensor, False, lambda: _dist.send(tensor, dst, group=group, tag=tag))
 
 
 @logged("recv", _tensor_bytes)
 def recv(tensor, src=None, group=None, tag: int = 0):
-    return _dist.recv(tensor, src, group=group, tag=tag)
+    return _watched(f"recv from rank {src}", tensor, False, lambda: _dist.recv(tensor, src, group=group, tag=tag))
 
 
 @logged("isend", _tensor_bytes)
 def isend(tensor, dst: int, group=None, tag: int = 0):
-    return _dist.isend(tensor, dst, group=group, tag=tag)
+    return _watched(f"isend to rank {dst}", tensor, True, lambda: _dist.isend(tensor, dst, group=group, tag=tag))
 
 
 @logged("irecv", _tensor_bytes)
 def irecv(tensor, src=None, group=None, tag: int = 0):
-    return _dist.irecv(tensor, src, group=group, tag=tag)
+    return _watched(f"irecv from rank {src}", tensor, True, lambda: _dist.irecv(tensor, src, group=group, tag=tag))
 
 
 def all_gather_object(object_list, obj, group=None):
-    return _dist.all_gather_object(object_list, obj, group=group)
+    return _watched("all_gather_object", None, False, lambda: _dist.all_gather_object(object_list, obj, group=group))
 
 
 def broadcast_object_list(object_list, src: int = 0, group=None):
-    return _dist.broadcast_object_list(object_list, src=src, group=group)
+    return _watched("broadcast_object_list", None, False,
+                    lambda: _dist.broadcast_object_list(object_list, src=src, group=group))
 
 
 def get_world_group():

@@ -23,7 +23,7 @@ from deepscale.config.optim import OptimizerConfig, SchedulerConfig
 from deepscale.config.params import auto_placeholder_message, find_auto_placeholders
 from deepscale.config.parallelism import HybridEngineConfig, PipelineConfig, TensorParallelConfig
 from deepscale.config.precision import AmpConfig, BF16Config, DataTypesConfig, FP16Config, TorchAutocastConfig
-from deepscale.config.profiling import CommsLoggerConfig, FlopsProfilerConfig, TimersConfig
+from deepscale.config.profiling import CollectiveWatchdogConfig, CommsLoggerConfig, FlopsProfilerConfig, TimersConfig
 from deepscale.config.zero import ZeroConfig, normalize_legacy_zero
 
 
@@ -84,6 +84,7 @@ class DeepScaleConfig(ConfigSection):
     datastates_ckpt: Optional[Dict[str, Any]] = None
     flops_profiler: FlopsProfilerConfig = _section(FlopsProfilerConfig)
     comms_logger: CommsLoggerConfig = _section(CommsLoggerConfig)
+    collective_watchdog: CollectiveWatchdogConfig = _section(CollectiveWatchdogConfig)
     timers: TimersConfig = _section(TimersConfig)
     tensorboard: TensorBoardConfig = _section(TensorBoardConfig)
     wandb: WandbConfig = _section(WandbConfig)

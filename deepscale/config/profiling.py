@@ -1,10 +1,10 @@
-"""Measurement sections: ``flops_profiler``, ``comms_logger`` and ``timers``."""
+"""Measurement sections: ``flops_profiler``, ``comms_logger``, ``timers`` and ``collective_watchdog``."""
 from typing import List, Optional
 
 from pydantic import Field
 
 from deepscale.config.base import ConfigSection
-from deepscale.config.fields import Bool, Float, Int, Str
+from deepscale.config.fields import Bool, Float, Int, Str, choice
 
 
 class FlopsProfilerConfig(ConfigSection):
@@ -27,6 +27,16 @@ class CommsLoggerConfig(ConfigSection):
     prof_all: Bool = True
     debug: Bool = False
     prof_ops: List[str] = Field(default_factory=list)
+
+
+class CollectiveWatchdogConfig(ConfigSection):
+    """``collective_watchdog`` (a deepscale addition; DeepSpeed has no such section): report every
+    collective that waits longer than ``timeout`` seconds (0: off), naming it, the step and what
+    each rank last did; ``action: "abort"`` then exits the process. ``DEEPSCALE_WATCHDOG_TIMEOUT``
+    and ``DEEPSCALE_WATCHDOG_ACTION`` override both. See docs/zero3.md ("No hidden hangs")."""
+
+    timeout: Float = Field(300.0, ge=0.0)
+    action: choice("log", "abort") = "log"
 
 
 class ThroughputTimerConfig(ConfigSection):

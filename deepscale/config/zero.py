@@ -105,8 +105,8 @@ class ZeroConfig(ConfigSection):
     module_granularity_threshold: Int = _alias(0, "stage3_module_granularity_threshold")
     use_all_reduce_for_fetch_params: Bool = _alias(False, "stage3_use_all_reduce_for_fetch_params")
     allgather_sequential: Bool = _alias(False, "stage3_allgather_sequential")
-    # deepscale additions (ZeRO-3 hang diagnosis, docs/zero3.md): check that every rank issues
-    # the same gather/reduce sequence; report collectives waiting longer than this (0: off).
+    # deepscale additions (ZeRO-3 hang diagnosis, docs/zero3.md): also check the reduce-scatter
+    # sequence (gathers are always checked); the older spelling of collective_watchdog.timeout.
     debug_sequence_check: Bool = _alias(False, "stage3_debug_sequence_check")
     watchdog_timeout: Float = _alias(300.0, "stage3_watchdog_timeout", ge=0.0)
     stage3_gather_fp16_weights_on_model_save: Optional[Bool] = None

@@ -20,8 +20,8 @@ from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
 from deepscale.runtime.dataloader import DeepScaleDataLoader
 from deepscale.runtime.engine_compat import EngineCompatMixin
 from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_lr_scheduler_for, build_optimizer_for,
-                                            build_loss_scaler_for, cast_floating_inputs, reducer_dtypes,
-                                            stage0_bucket_numel)
+                                            build_loss_scaler_for, cast_floating_inputs, configure_collective_watchdog,
+                                            reducer_dtypes, stage0_bucket_numel)
 from deepscale.runtime.dp_optimizer import DataParallelOptimizer
 from deepscale.runtime.step_reporter import StepReporter
 from deepscale.runtime.zero.stage_1_and_2 import ZeroOptimizer, zero_optimizer_kwargs
@@ -47,6 +47,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self._set_topology(mpu, dp_group)
         if "activation_checkpointing" in (getattr(config, "raw", None) or {}):
             configure_checkpointing(mpu, deepspeed_config=config)  # as DeepSpeed: the section configures it
+        configure_collective_watchdog(config)
         self.device = get_accelerator().device(self.local_rank if get_accelerator().device_name() != "cpu" else None)
         self.global_steps = self.global_samples = self.skipped_steps = self.micro_steps = 0
         self._in_no_sync = False
@@ -265,6 +266,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
             self.zero_grad()
             self.global_steps += 1
             self.global_samples += self.train_batch_size()
+            dist.set_training_step(self.global_steps)
         self.micro_steps += 1
         self._boundary_override = None
         self._reporter.stop("step")

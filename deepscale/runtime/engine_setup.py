@@ -131,3 +131,14 @@ def cast_floating_inputs(obj, dtype: torch.dtype):
     if isinstance(obj, dict):
         return {k: cast_floating_inputs(v, dtype) for k, v in obj.items()}
     return obj
+
+
+def configure_collective_watchdog(config) -> None:
+    """Set up the process's collective watchdog from ``collective_watchdog`` (the ZeRO-3 key
+    ``stage3_watchdog_timeout`` still sets the timeout when that section does not)."""
+    section = config.collective_watchdog
+    timeout = section.timeout
+    zero = config.zero_optimization
+    if "timeout" not in section.model_fields_set and "watchdog_timeout" in zero.model_fields_set:
+        timeout = zero.watchdog_timeout
+    dist.configure_watchdog(timeout_s=timeout, action=section.action)

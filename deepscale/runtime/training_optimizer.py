@@ -21,6 +21,7 @@ from typing import List
 import torch
 
 from deepscale import comm as dist
+from deepscale.runtime.precision.precision_optimizer import squared_norm
 from deepscale.utils.logging import logger
 
 
@@ -52,15 +53,10 @@ class TrainingOptimizer:
     # --- the step -------------------------------------------------------------------------
     def global_grad_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
         """Global L2 norm of the gradients (still loss-scaled) as a 0-dim fp32 tensor."""
-        if not grads:
-            local = torch.zeros((), dtype=torch.float32)
-        else:
-            local = torch.stack([n.float() for n in torch._foreach_norm(grads, 2.0)])
-        if not self.grads_partitioned or self.world_size == 1:
-            return torch.linalg.vector_norm(local, 2.0) if local.dim() else local
-        squares = local.pow(2).sum()
-        dist.all_reduce(squares, group=self.group)
-        return squares.sqrt()
+        squares = squared_norm(grads)
+        if self.grads_partitioned and self.world_size > 1:
+            dist.all_reduce(squares, group=self.group)
+        return squares.sqrt().float()
 
     def step(self) -> bool:
         """Unscale, clip, check and apply the accumulated gradients. Returns True if applied."""

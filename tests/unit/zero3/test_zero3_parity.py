@@ -18,6 +18,8 @@ SCENARIOS = {
     "gas2_clip": dict(gas=2, clip=0.5),
     "frozen": dict(model_kwargs={"frozen": True}),
     "checkpointing": dict(model_kwargs={"use_checkpoint": True}),
+    # the root reads wpe.weight without register_external_parameter: registered automatically
+    "auto_external": dict(model_kwargs={"register_external": False}),
 }
 
 

@@ -12,10 +12,19 @@ order costs only the prefetch. Backward walks the recorded sequence in reverse t
 groups whose gradients are still to come. Decisions depend only on the recorded sequence and on
 element counts, so every rank that runs the same modules issues the same collectives.
 
-Gradients: when every trainable parameter of a group has its gradient accumulated in a
-backward, the group's gradients are reduce-scattered (asynchronously) and the group is
-released; groups that did not complete (unused or frozen parameters) are flushed in group order
-when the backward ends.
+Note: gradients, in an order every rank shares. When every trainable parameter of a group has
+its gradient accumulated in a backward, the group is ready and released. Reduce-scatters are
+launched strictly in one order, the same on every rank: the groups by descending first position
+in the recorded forward sequence (roughly the order backward completes them; the order is
+identical on all ranks because the end-of-forward check compares the sequences), then the
+groups the forward did not acquire. A ready group waits until the groups before it were
+launched; when the backward ends every group not yet launched is reduced in that order, with
+zeros for the gradients it did not get. So a parameter that gets no gradient on some rank only
+(a branch inside a module) delays that rank's reduces but never reorders them, which would mix
+the gradients of different groups or hang, as PyTorch DDP's in-order bucket launch avoids.
+Reduce-scatters run on their own process group (``collectives.twin_group``): on one group their
+interleaving with the backward's all-gathers would depend on when each rank's groups became
+ready.
 """
 from typing import Callable, List, Optional, Sequence
 
@@ -60,9 +69,14 @@ class ParamCoordinator:
         self._bwd_cursor = -1
         self.live_numel = self.peak_live_numel = self.inflight_numel = 0
         self.module_stack: List[str] = []
+        self.running_hooks: List = []  # the ModuleHooks of the modules whose forward runs
         self.last_module: Optional[str] = None
+        self._modules_run = 0
         self._pending: List[tuple] = []
         self.trainable_of = {g.index: [] for g in self.groups}
+        self._reduce_order: List[int] = []
+        self._launched = 0  # how many groups of _reduce_order this backward has reduced
+        self._ready: set = set()
 
     # --- gather / release -----------------------------------------------------------------
     def fetch(self, group: ParamGroup) -> None:
@@ -102,16 +116,30 @@ class ParamCoordinator:
         if self.training == TrainingState.FORWARD:  # the previous forward raised
             logger.debug("ZeRO-3: a forward began before the previous one ended; releasing its groups")
             self.release_all()
+            self.module_stack.clear()
+            self.running_hooks.clear()
             self.training.to(TrainingState.IDLE)
         if self.training != TrainingState.IDLE:
             return  # forward during backward: activation checkpointing recomputes
         self.training.to(TrainingState.FORWARD)
         self._current, self._on_track, self._prefetch_cursor = [], bool(self.trace), 0
+        self._modules_run = 0
+
+    def enter_module(self, name: str, index: int) -> None:
+        """A module's forward begins (``index``: its position in the model, the same on every rank)."""
+        self.module_stack.append(name)
+        self.last_module = name
+        if self.training == TrainingState.FORWARD:
+            # which modules ran, in order: ranks that took different branches differ here even
+            # when their parameters travel in the same groups (or in none)
+            self._modules_run = hash((self._modules_run, index))
 
     def end_forward(self) -> None:
         if self.training != TrainingState.FORWARD:
             return
-        self.runner.check_boundary("end_forward", self.last_module)
+        # the recorded sequence decides the reduce order: compare it across ranks too
+        self.runner.check_boundary("end_forward", self.last_module,
+                                   token=hash((tuple(self._current), self._modules_run)))
         for group in self.groups:
             if group.users == 0:
                 self.release(group)
@@ -128,6 +156,15 @@ class ParamCoordinator:
         self._numel_prefix = [0]
         for index in trace:
             self._numel_prefix.append(self._numel_prefix[-1] + self.groups[index].numel)
+        self._set_reduce_order(trace)
+
+    def _set_reduce_order(self, trace: List[int]) -> None:
+        first = {}
+        for position, index in enumerate(trace):
+            first.setdefault(index, position)
+        trainable = [g.index for g in self.groups if self.trainable_of[g.index]]
+        acquired = sorted((i for i in trainable if i in first), key=lambda i: -first[i])
+        self._reduce_order = acquired + [i for i in trainable if i not in first]
 
     def acquire(self, groups: Sequence[ParamGroup]) -> None:
         """Pre-forward: gather ``groups`` for a module and prefetch what the recorded order says comes next."""
@@ -207,17 +244,32 @@ class ParamCoordinator:
     def grad_ready(self, param: torch.nn.Parameter, group: ParamGroup) -> None:
         """Post-accumulate-grad hook: reduce the group once all its trainable gradients are in."""
         group.reported.add(id(param))
-        if len(group.reported) == len(self.trainable_of[group.index]):
+        if len(group.reported) < len(self.trainable_of[group.index]):
+            return
+        if group.backward_done:  # complete again in this backward (reentrant checkpointing)
             self._reduce(group)
-            group.backward_done = True
-            if group.users == 0:
-                self.release(group)
+            return
+        group.backward_done = True
+        if group.users == 0:
+            self.release(group)
+        self._ready.add(group.index)
+        self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        order = self._reduce_order
+        while self._launched < len(order) and order[self._launched] in self._ready:
+            self._reduce(self.groups[order[self._launched]])
+            self._launched += 1
 
     def _reduce(self, group: ParamGroup) -> None:
         group.reported.clear()
         work, output, flat = group.start_reduce(self.comm_dtype, self.trainable_of[group.index])
         self._pending.append((work, group, output, flat))
-        while len(self._pending) > _MAX_PENDING_REDUCES:
+        # Only reduces that already finished are completed here: another rank may launch its
+        # reduces later (a group whose gradients came in only partly waits for the end of its
+        # backward), and blocking on one would stop this rank's backward all-gathers, which
+        # that rank's backward waits for.
+        while len(self._pending) > _MAX_PENDING_REDUCES and self._pending[0][0].is_completed():
             self._complete_oldest()
 
     def _complete_oldest(self) -> None:
@@ -229,9 +281,12 @@ class ParamCoordinator:
     def end_backward(self) -> None:
         """Flush groups whose gradients came in only partly, finish every reduce, release."""
         self.runner.check_boundary("end_backward", self.last_module)
-        for group in self.groups:
-            if group.reported:
-                self._reduce(group)
+        if not self._reduce_order and not self.trace:  # a backward without a recorded forward
+            self._set_reduce_order([])
+        for index in self._reduce_order[self._launched:]:
+            self._reduce(self.groups[index])
+        self._launched = 0
+        self._ready.clear()
         while self._pending:
             self._complete_oldest()
         # Recomputation under activation checkpointing may stop before a module's post-forward
@@ -241,6 +296,7 @@ class ParamCoordinator:
             group.users = 0
             self.release(group, force=True)
         self.module_stack.clear()
+        self.running_hooks.clear()
         if self.training == TrainingState.BACKWARD:
             self.training.to(TrainingState.IDLE)
 

@@ -7,6 +7,22 @@ them back and, when autograd is recording, hooks the module's output tensors so 
 groups are gathered again just before the module's backward runs. Outputs may be any nesting of
 tuples, lists and dicts (``torch.utils._pytree``); non-tensor values are ignored. The root
 module's hooks also open and close the forward in the coordinator.
+
+Note: leaf modules (``deepscale.utils.set_z3_leaf_modules``). A leaf module's hooks gather the
+parameters of the module and of all its descendants at once, and the descendants get no hooks:
+a mixture-of-experts block that runs a data-dependent subset of its experts then issues the same
+collectives on every rank and every step, whichever experts run.
+
+Note: automatic external parameters. Each module's ``_parameters`` dict is replaced by
+:class:`_ZeroParamDict`, whose item lookup (what ``module.weight`` ends in) sees when a forward
+reads a parameter that is not gathered, e.g. ``F.linear(x, self.linear1.weight)`` in a parent.
+It then registers the parameter as external with the innermost module whose forward is running
+and gathers its group through the coordinator, as if it had been registered by hand: the next
+forwards gather it in that module's pre-hook, and backward re-gathers it. Every rank runs the
+same forward, so the on-demand gather is issued at the same point on all of them (the sequence
+check verifies it). A parameter read through a reference kept outside ``_parameters`` (stored in
+a list in ``__init__``) cannot be seen this way; the forward check (``external_check.py``) still
+raises :class:`ExternalParameterError` for it.
 """
 from typing import Callable, List
 
@@ -15,8 +31,27 @@ from torch.utils._pytree import tree_flatten
 
 from deepscale.runtime.zero.stage3.coordinator import ParamCoordinator
 from deepscale.runtime.zero.stage3.param_group import ParamGroup, find_group
+from deepscale.runtime.zero.stage3.states import ZeroParamStatus
+from deepscale.utils.logging import logger
+from deepscale.utils.zero3_leaf import LEAF_ATTR
 
 EXTERNAL_PARAMS_ATTR = "_deepscale_external_params"
+
+
+class _ZeroParamDict(dict):
+    """A module's ``_parameters`` that notices reads of parameters that are not gathered."""
+
+    def __init__(self, params, coordinator: ParamCoordinator):
+        super().__init__(params)
+        self.coordinator = coordinator
+
+    def __getitem__(self, key):
+        param = dict.__getitem__(self, key)
+        if param is not None and getattr(param, "ds_status", ZeroParamStatus.AVAILABLE) != ZeroParamStatus.AVAILABLE:
+            running = self.coordinator.running_hooks
+            if running:
+                running[-1].use_external(param)
+        return param
 
 
 def external_params(module: torch.nn.Module) -> List[torch.nn.Parameter]:
@@ -32,11 +67,15 @@ class ModuleHooks:
         name: its qualified name (for messages).
         coordinator: the model's coordinator.
         is_root: whether this is the model the engine wraps.
+        index: the module's position in ``model.named_modules()`` (the same on every rank).
     """
 
-    def __init__(self, module: torch.nn.Module, name: str, coordinator: ParamCoordinator, is_root: bool):
+    def __init__(self, module: torch.nn.Module, name: str, coordinator: ParamCoordinator, is_root: bool,
+                 index: int = 0):
         self.module, self.name, self.coordinator, self.is_root = module, name or "<root>", coordinator, is_root
-        self._own = self._groups_of(module.parameters(recurse=False))
+        self.index = index
+        # a leaf module gathers its descendants' parameters too (see the module Note)
+        self._own = self._groups_of(module.parameters(recurse=bool(getattr(module, LEAF_ATTR, False))))
         self._handles = [module.register_forward_pre_hook(self._pre_forward),
                          module.register_forward_hook(self._post_forward)]
 
@@ -60,8 +99,8 @@ class ModuleHooks:
     def _pre_forward(self, module, args):
         if self.is_root:
             self.coordinator.begin_forward()
-        self.coordinator.module_stack.append(self.name)
-        self.coordinator.last_module = self.name
+        self.coordinator.enter_module(self.name, self.index)
+        self.coordinator.running_hooks.append(self)
         groups = self.groups()
         if groups:
             self.coordinator.acquire(groups)
@@ -78,9 +117,27 @@ class ModuleHooks:
             self.coordinator.release_after_forward(groups)
         if self.coordinator.module_stack:
             self.coordinator.module_stack.pop()
+        if self.coordinator.running_hooks:
+            self.coordinator.running_hooks.pop()
         if self.is_root:
             self.coordinator.end_forward()
         return None
+
+    def use_external(self, param: torch.nn.Parameter) -> None:
+        """This module's forward reads ``param``, which it does not gather: register it as
+        external and gather it now (see the module Note)."""
+        group = find_group(param)
+        if group is None:
+            return  # partitioned outside the engine (zero.Init without training): left as is
+        table = self.module.__dict__.setdefault(EXTERNAL_PARAMS_ATTR, {})
+        if id(param) not in table:
+            table[id(param)] = param
+            logger.debug(f"ZeRO-3: registered a parameter of group {group.index} ({group.names[0]}...) as external "
+                         f"to module '{self.name}', whose forward reads it")
+        if not group.persistent:
+            self.coordinator.acquire([group])
+        if not group.is_gathered:
+            self.coordinator.fetch(group)
 
     def _hook_outputs(self, output, groups: List[ParamGroup]) -> bool:
         """Hook the output tensors that will see a gradient; False when the output holds no
@@ -111,6 +168,27 @@ class ModuleHooks:
 
 
 def install_module_hooks(model: torch.nn.Module, coordinator: ParamCoordinator) -> List[ModuleHooks]:
-    """One :class:`ModuleHooks` per submodule of ``model`` (each module once, even if shared)."""
-    return [ModuleHooks(module, name, coordinator, is_root=module is model)
-            for name, module in model.named_modules()]
+    """One :class:`ModuleHooks` per submodule of ``model`` (each module once, even if shared),
+    except below leaf modules; every module's ``_parameters`` becomes a :class:`_ZeroParamDict`."""
+    hooks, leaves = [], []
+    for index, (name, module) in enumerate(model.named_modules()):
+        if not isinstance(module.__dict__.get("_parameters"), _ZeroParamDict):
+            module._parameters = _ZeroParamDict(module._parameters, coordinator)
+        if any(name.startswith(leaf + ".") for leaf in leaves):
+            continue  # inside a leaf module: gathered by the leaf's hooks
+        if getattr(module, LEAF_ATTR, False) and module is not model:
+            leaves.append(name)
+            for param in module.parameters():
+                param.ds_z3_leaf = True
+        hooks.append(ModuleHooks(module, name, coordinator, is_root=module is model, index=index))
+    return hooks
+
+
+def remove_module_hooks(model: torch.nn.Module, hooks: List[ModuleHooks]) -> None:
+    """Undo :func:`install_module_hooks`."""
+    for hook in hooks:
+        hook.remove()
+    for module in model.modules():
+        params = module.__dict__.get("_parameters")
+        if isinstance(params, _ZeroParamDict):
+            module._parameters = dict(params)

@@ -21,18 +21,17 @@ from deepscale import comm as dist
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
-from deepscale.runtime.zero.stage3.collectives import CollectiveRunner
+from deepscale.runtime.zero.stage3.collectives import CollectiveRunner, twin_group
 from deepscale.runtime.zero.stage3.coordinator import ParamCoordinator
 from deepscale.runtime.zero.stage3.external_check import PartitionedUseCheck
 from deepscale.runtime.zero.stage3.full_access import Stage3TensorAccess
 from deepscale.runtime.zero.stage3.grouping import DEFAULT_GROUP_NUMEL, build_groups
-from deepscale.runtime.zero.stage3.hooks import install_module_hooks
+from deepscale.runtime.zero.stage3.hooks import install_module_hooks, remove_module_hooks
 from deepscale.runtime.zero.stage3.param_group import ParamGroup
 from deepscale.runtime.zero.stage3.sequence_check import debug_enabled_from_env
 from deepscale.runtime.zero.stage3.state_dict import (full_state_dict, gather_full_weights, install_load_hooks,
                                                      serving_full_weights)
 from deepscale.runtime.zero.stage3.states import TrainingState
-from deepscale.runtime.zero.stage3.watchdog import DEFAULT_WATCHDOG_TIMEOUT_S, Watchdog
 from deepscale.runtime.zero.stage3.zero_param import is_zero_param, partition_param, shard_range, take_shard
 from deepscale.runtime.zero.stage_1_and_2 import check_optimizer_is_tested
 from deepscale.utils.logging import logger
@@ -57,8 +56,9 @@ class Stage3Optimizer(TrainingOptimizer):
         bucket_numel: ``reduce_bucket_size``: a parameter group (what one all-gather and one
             reduce-scatter carry) is closed at a module boundary once it reaches
             ``min(bucket_numel, 4M)`` elements. Default 500M.
-        debug: sequence-check every collective (also ``DEEPSCALE_ZERO3_DEBUG=1``). Default False.
-        watchdog_timeout_s: seconds before a waiting collective is reported; 0 disables. Default 300.
+        debug: also sequence-check every reduce-scatter and check every forward for partitioned
+            parameters used outside the modules that gather them (also ``DEEPSCALE_ZERO3_DEBUG=1``);
+            all-gathers and phase ends are always checked. Default False.
         allow_untested_optimizer: ``zero_allow_untested_optimizer``. Default False.
         **unused: other training-optimizer arguments (``predivide_factor``) accepted for the
             shared constructor signature.
@@ -70,8 +70,7 @@ class Stage3Optimizer(TrainingOptimizer):
                  comm_dtype: Optional[torch.dtype] = None,
                  prefetch_numel: int = 50_000_000, max_live_numel: int = 1_000_000_000,
                  max_reuse_distance: int = 1_000_000_000, persistence_threshold: int = 100_000,
-                 debug: bool = False,
-                 watchdog_timeout_s: float = DEFAULT_WATCHDOG_TIMEOUT_S, allow_untested_optimizer: bool = False,
+                 debug: bool = False, allow_untested_optimizer: bool = False,
                  **unused):
         if basic_optimizer is None:
             raise ValueError("zero_optimization.stage=3 partitions optimizer state, so it needs an optimizer: add an "
@@ -84,8 +83,8 @@ class Stage3Optimizer(TrainingOptimizer):
         self._module = module
         self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
         self.debug = bool(debug) or debug_enabled_from_env()
-        self.watchdog = Watchdog(watchdog_timeout_s, dist.get_rank() if dist.is_initialized() else 0)
-        self.runner = CollectiveRunner(group, world_size, debug=self.debug, watchdog=self.watchdog)
+        self.runner = CollectiveRunner(group, world_size, reduce_group=twin_group(group, world_size),
+                                       check_reduces=self.debug)
         self.group_params = self._trainable_per_group()
         fp32_shards = self._partition(module)
         group_numel = min(int(bucket_numel), DEFAULT_GROUP_NUMEL)
@@ -356,8 +355,7 @@ class Stage3Optimizer(TrainingOptimizer):
         self.publish_masters()
 
     def destroy(self) -> None:
-        for hooks in self._module_hooks:
-            hooks.remove()
+        remove_module_hooks(self._module, self._module_hooks)
         for handle in self._handles:
             handle.remove()
         self._module_hooks, self._handles = [], []
@@ -365,7 +363,6 @@ class Stage3Optimizer(TrainingOptimizer):
             for param in params:
                 if hasattr(param, "_deepscale_full_access"):
                     del param._deepscale_full_access
-        self.watchdog.close()
 
 
 def _drop_grad(param: torch.nn.Parameter) -> None:
@@ -380,5 +377,4 @@ def stage3_optimizer_kwargs(config) -> dict:
                 max_reuse_distance=int(zero.max_reuse_distance),
                 persistence_threshold=int(zero.param_persistence_threshold),
                 debug=bool(getattr(zero, "debug_sequence_check", False)),
-                watchdog_timeout_s=float(getattr(zero, "watchdog_timeout", DEFAULT_WATCHDOG_TIMEOUT_S)),
                 allow_untested_optimizer=bool(getattr(config, "zero_allow_untested_optimizer", False)))
