@@ -223,7 +223,7 @@ ZERO_KEYS_IGNORED = [
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stage 3 only", zero_stages=frozenset({1, 2}),
                    keys=_zero_keys("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters",
                                    "max_reuse_distance", "gather_16bit_weights_on_model_save",
-                                   "debug_sequence_check", "watchdog_timeout",
+                                   "debug_sequence_check",
                                    "stage3_gather_fp16_weights_on_model_save")),
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stages 1-2 only (stage 3 gathers parameters by module "
                    "and always overlaps its reduce-scatters with backward)", zero_stages=frozenset({3}),
@@ -244,10 +244,12 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     # The data-parallel gradient reducer buckets by reduce_bucket_size at every stage.
     TuningOnlyKeys("zero_optimization", "it tunes ZeRO (stages 1-3; the stage3_* keys stage 3 only) and "
                    "zero_optimization.stage is 0",
-                   except_keys=("stage", "reduce_bucket_size"), zero_stages=frozenset({0})),
+                   except_keys=("stage", "reduce_bucket_size", "watchdog_timeout"), zero_stages=frozenset({0})),
     *ZERO_KEYS_IGNORED,
     TuningOnlyKeys("aio", "the engine uses it for NVMe offload, which is not built yet (deepscale.ops.aio handles "
                           "take these keys through AioConfig.from_dict)"),
+    TuningOnlyKeys("checkpoint", "universal checkpoints (DeepSpeed's included) are detected and loaded "
+                   "automatically, so it is not needed", keys=("load_universal",)),
     TuningOnlyKeys("checkpoint", "this checkpoint option is not implemented yet"),
     TuningOnlyKeys("timers", "the throughput timer options are not implemented yet"),
     TuningOnlyKeys("pipeline", "pipeline parallelism is not built yet", except_keys=("stages",)),

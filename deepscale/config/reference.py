@@ -23,7 +23,7 @@ PARSED_ONLY = "parsed only (its feature is not available yet)"
 
 # Keys deepscale adds on top of DeepSpeed's schema.
 EXTENSION_KEYS = {"fp16.raise_error_at_min_scale", "zero_optimization.debug_sequence_check",
-                  "zero_optimization.watchdog_timeout"}
+                  "zero_optimization.watchdog_timeout", "collective_watchdog.timeout", "collective_watchdog.action"}
 
 ZERO_STAGES = (0, 1, 2, 3)
 
