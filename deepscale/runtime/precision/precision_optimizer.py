@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from deepscale.runtime.base_optimizer import DeepSpeedOptimizer
 from deepscale.utils.logging import log_dist
 
 # Note: an accurate norm. torch's fp32 norm of one large tensor accumulates in fp32 and drifts:
@@ -37,7 +38,7 @@ def squared_norm(tensors: List[torch.Tensor]) -> torch.Tensor:
     return norms.pow(2).sum()
 
 
-class PrecisionOptimizer:
+class PrecisionOptimizer(DeepSpeedOptimizer):
     """Drives one optimizer step with mixed precision, loss scaling and clipping.
 
     Args:

@@ -271,3 +271,14 @@ def test_cifar_tutorial_param_groups_train(stage):
         assert any(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters()))
     finally:
         engine.destroy()
+
+
+def test_engine_optimizer_passes_deepspeed_optimizer_type_checks():
+    # Lightning Fabric: isinstance(opt, (torch.optim.Optimizer, DeepSpeedOptimizer)) before a load.
+    from deepscale.runtime.base_optimizer import DeepSpeedOptimizer
+    cfg = base_config(2, 1, 1, bf16={"enabled": True})
+    engine, optimizer, _, _ = deepscale.initialize(model=make_model(), config=cfg)
+    try:
+        assert isinstance(optimizer, DeepSpeedOptimizer) and not isinstance(optimizer, torch.optim.Optimizer)
+    finally:
+        engine.destroy()
