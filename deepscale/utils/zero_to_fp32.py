@@ -21,6 +21,7 @@ import torch
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 OPTIM_FILE_FORMAT = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 LATEST_FILE = "latest"
+CHECKPOINT_FORMAT_VERSION = 2  # of the model-states file deepscale writes
 
 
 def _load(path: str):

@@ -45,20 +45,20 @@ def fsync_tree(path: str) -> None:
         _fsync_dir(root)
 
 
-def write_latest_tag(save_dir: str, tag: str) -> None:
-    """Point ``save_dir/latest`` at ``tag`` with an atomic replace."""
-    tmp = os.path.join(save_dir, f"{_TMP_PREFIX}{LATEST_FILE}-{uuid.uuid4().hex[:8]}")
+def write_latest_tag(save_dir: str, tag: str, filename: str = LATEST_FILE) -> None:
+    """Point ``save_dir/filename`` (default ``latest``) at ``tag`` with an atomic replace."""
+    tmp = os.path.join(save_dir, f"{_TMP_PREFIX}{filename}-{uuid.uuid4().hex[:8]}")
     with open(tmp, "w") as handle:
         handle.write(tag)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, os.path.join(save_dir, LATEST_FILE))
+    os.replace(tmp, os.path.join(save_dir, filename))
     _fsync_dir(save_dir)
 
 
-def read_latest_tag(load_dir: str) -> Optional[str]:
-    """The tag named by ``load_dir/latest``, or None if there is no such file."""
-    path = os.path.join(load_dir, LATEST_FILE)
+def read_latest_tag(load_dir: str, filename: str = LATEST_FILE) -> Optional[str]:
+    """The tag named by ``load_dir/filename`` (default ``latest``), or None if there is no such file."""
+    path = os.path.join(load_dir, filename)
     if not os.path.isfile(path):
         return None
     with open(path) as handle:

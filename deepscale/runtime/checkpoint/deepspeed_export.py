@@ -26,11 +26,13 @@ from typing import Dict, Optional
 
 import torch
 
-from deepscale.runtime.checkpoint.deepspeed_format import NOT_HYPERPARAMETERS
+from deepscale.runtime.checkpoint.atomic import write_latest_tag
+from deepscale.runtime.checkpoint.deepspeed_format import (LATEST_UNIVERSAL_FILE, NOT_HYPERPARAMETERS, UNIVERSAL_DIR,
+                                                           UNIVERSAL_OPTIM_FILE)
+from deepscale.utils.checkpoint_files import load_file, save_file
 from deepscale.utils.zero_to_fp32 import MODEL_STATES_FILE, iter_optimizer_shards, resolve_tag_dir
 
 DEEPSPEED_LAYOUT_VERSION = "0.19.8"  # the DeepSpeed release whose layout is written
-UNIVERSAL_LATEST_FILE = "latest_universal"
 ZERO3_MODEL_STATES_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
@@ -78,7 +80,7 @@ def _model_states(saved: dict, shapes: Dict[str, torch.Size], groups: list) -> d
 
 
 def _write_atomically(obj, path: str) -> None:
-    torch.save(obj, path + ".tmp")
+    save_file(obj, path + ".tmp")  # names the file and a full disk in its errors
     os.replace(path + ".tmp", path)
 
 
@@ -98,13 +100,13 @@ def export_to_deepspeed_universal(checkpoint_dir: str, output_dir: str, tag: Opt
     """
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
     tag = os.path.basename(os.path.normpath(tag_dir))
-    saved = torch.load(os.path.join(tag_dir, MODEL_STATES_FILE), map_location="cpu", weights_only=False)
+    saved = load_file(os.path.join(tag_dir, MODEL_STATES_FILE))
     tensors, shapes, group_of, first = _assemble(tag_dir, int(saved.get("num_optimizer_shards", 0)))
     groups = first["param_groups"]
     steps = [scalars.get("step") for scalars in first.get("group_scalars", [])]
     out_tag = os.path.join(output_dir, tag)
     for name, slots in tensors.items():
-        folder = os.path.join(out_tag, "zero", name)
+        folder = os.path.join(out_tag, UNIVERSAL_DIR, name)
         os.makedirs(folder, exist_ok=True)
         for key, flat in slots.items():
             _write_atomically({"param": flat.view(shapes[name]), "cat_dim": 0}, os.path.join(folder, f"{key}.pt"))
@@ -118,12 +120,11 @@ def export_to_deepspeed_universal(checkpoint_dir: str, output_dir: str, tag: Opt
               "optimizer_state_dict": {"state": {index: {"step": torch.as_tensor(step, dtype=torch.float32)}
                                                  for index, step in enumerate(steps) if step is not None},
                                        "param_groups": hypers}}
-    _write_atomically(common, os.path.join(out_tag, "zero", "optimizer_state.pt"))
+    _write_atomically(common, os.path.join(out_tag, UNIVERSAL_DIR, UNIVERSAL_OPTIM_FILE))
     model_states = _model_states(saved, shapes, groups)
     for name in (MODEL_STATES_FILE, ZERO3_MODEL_STATES_FILE):
         _write_atomically(model_states, os.path.join(out_tag, name))
-    with open(os.path.join(output_dir, UNIVERSAL_LATEST_FILE), "w") as handle:
-        handle.write(tag)
+    write_latest_tag(output_dir, tag, LATEST_UNIVERSAL_FILE)
     return out_tag
 
 

@@ -35,10 +35,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from deepscale.runtime.checkpoint.atomic import read_latest_tag
 from deepscale.runtime.checkpoint.deepspeed_pickle import as_int, fragment_address, load_ds_file
+from deepscale.utils.zero_to_fp32 import CHECKPOINT_FORMAT_VERSION, MODEL_STATES_FILE
 from deepscale.runtime.checkpoint.portable import FORMAT_NAME, FORMAT_VERSION
 
-DS_MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
+DS_MODEL_STATES_FILE = MODEL_STATES_FILE  # the same name in both layouts
 DS_ZERO3_MODEL_STATES_GLOB = "zero_pp_rank_*_mp_rank_00_model_states.pt"
 DS_OPTIM_FILE_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 UNIVERSAL_DIR = "zero"
@@ -350,11 +352,7 @@ def _universal_shards(tag_dir: str, param_shapes: List[dict]) -> Iterator[dict]:
 
 def read_latest_universal_tag(load_dir: str) -> Optional[str]:
     """The tag named by DeepSpeed's ``latest_universal`` file, or None when there is none."""
-    path = os.path.join(load_dir, LATEST_UNIVERSAL_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as handle:
-        return handle.read().strip() or None
+    return read_latest_tag(load_dir, LATEST_UNIVERSAL_FILE)
 
 
 def is_universal(tag_dir: str) -> bool:
@@ -420,14 +418,15 @@ def read_deepspeed_checkpoint(tag_dir: str, model_states: Optional[dict] = None
     if not files:
         raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states ({DS_MODEL_STATES_FILE} or "
                                 f"{DS_ZERO3_MODEL_STATES_GLOB})")
-    if not is_universal(tag_dir) and glob.glob(os.path.join(tag_dir, "*mp_rank_01*")):
+    universal = is_universal(tag_dir)
+    if not universal and glob.glob(os.path.join(tag_dir, "*mp_rank_01*")):
         raise ValueError(f"{tag_dir} was saved with tensor or pipeline model parallelism (mp_rank_01 files); "
                          "deepscale reads DeepSpeed checkpoints of data-parallel runs only. Convert it with "
                          "DeepSpeed's ds_to_universal first")
     ms = model_states if model_states is not None else load_ds_file(files[0])
     param_shapes = [dict(group) for group in (ms.get("param_shapes") or [])]
     optim_files = _optim_files(tag_dir)
-    if is_universal(tag_dir):
+    if universal:
         stage = as_int(load_ds_file(os.path.join(tag_dir, UNIVERSAL_DIR, UNIVERSAL_OPTIM_FILE)).get("zero_stage", 0))
         shards, num_shards = (lambda: _universal_shards(tag_dir, param_shapes)), 1
     elif not optim_files:
@@ -441,7 +440,7 @@ def read_deepspeed_checkpoint(tag_dir: str, model_states: Optional[dict] = None
     if stage == 3:  # ZeRO-3 model states hold empty parameters
         module = _full_module_from_shards(ms, shards)
     model_states = {
-        "format_version": 2, "deepspeed_version": ms.get("ds_version"), "module": module,
+        "format_version": CHECKPOINT_FORMAT_VERSION, "deepspeed_version": ms.get("ds_version"), "module": module,
         "frozen_param_names": list((ms.get("frozen_param_shapes") or {}).keys()),
         "num_optimizer_shards": num_shards, "lr_scheduler": ms.get("lr_scheduler"),
         "counters": {key: int(ms[key]) for key in ("global_steps", "global_samples", "skipped_steps") if key in ms},

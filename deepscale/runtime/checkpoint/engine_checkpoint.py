@@ -35,11 +35,10 @@ from deepscale.utils.checkpoint_files import load_file, save_file
 from deepscale.utils.logging import logger
 from deepscale.version import __version__
 
-from deepscale.utils.zero_to_fp32 import (MODEL_STATES_FILE, OPTIM_FILE_FORMAT, iter_optimizer_shards,
-                                          load_module_weights)
+from deepscale.utils.zero_to_fp32 import (CHECKPOINT_FORMAT_VERSION, MODEL_STATES_FILE, OPTIM_FILE_FORMAT,
+                                          iter_optimizer_shards, load_module_weights)
 
 RNG_FILE_FORMAT = "rng_states_rank{rank}.pt"
-CHECKPOINT_FORMAT_VERSION = 2
 
 
 @dataclass
@@ -201,7 +200,7 @@ def resolve_checkpoint(load_dir: str, tag: Optional[str]) -> Optional[str]:
                            "pass tag= to load a specific checkpoint")
             return None
     path = resolve_tag_dir(load_dir, str(tag))
-    if path is None or not (os.path.isfile(os.path.join(path, MODEL_STATES_FILE)) or has_model_states(path)):
+    if path is None or not has_model_states(path):  # deepscale's file name, or DeepSpeed's ZeRO-3 ones
         logger.warning(f"no checkpoint to load: {os.path.join(load_dir, str(tag))} is missing or incomplete")
         return None
     return path
