@@ -40,7 +40,7 @@ def _engine(args, torch_adam, torch):
     return deepscale.initialize(model=model, config=_config(torch_adam, args.stage))[0]
 
 
-def _timed_step(engine, batch, torch):
+def _timed_step(engine, batch):
     start = time.perf_counter()
     loss = engine(batch)
     engine.backward(loss)
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
         names = list(engines)
         order.shuffle(names)
         for name in names:
-            total, step = _timed_step(engines[name], batch, torch)
+            total, step = _timed_step(engines[name], batch)
             if round_index >= args.warmup:
                 times[name]["total"].append(total)
                 times[name]["step"].append(step)

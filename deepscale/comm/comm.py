@@ -189,7 +189,7 @@ def collective_label(text: str):
 
 
 def _watched(name: str, tensor, async_op: bool, call):
-    watchdog = _watchdog if _watchdog is not None else get_watchdog()
+    watchdog = get_watchdog()
     if not watchdog.enabled:
         return call()
     record = watchdog.issued(name, tensor)
@@ -201,9 +201,6 @@ def _watched(name: str, tensor, async_op: bool, call):
         return call()
     finally:
         watchdog.end_wait(key)
-
-
-# --- collectives (each one watched) ---------------------------------------------------------
 
 
 # --- message sizes for the comms logger (nccl-tests conventions, see utils/comms_logging.py) -----
@@ -221,6 +218,7 @@ def _whole_list_bytes(a) -> int:
     return _nbytes(a["tensor"]) * get_world_size(a["group"])
 
 
+# --- collectives (each one watched, and logged when the comms logger is on) -------------------
 @logged("barrier", lambda a: 0)
 def barrier(group=None, async_op: bool = False):
     if not is_initialized():

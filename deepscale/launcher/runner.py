@@ -155,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         return _dispatch_report(argv[1:])
-    if argv[:1] == ["plot"]:  # imported only here: it needs torch and matplotlib
+    if argv[:1] == ["plot"]:  # imported only here: it needs matplotlib (not torch)
         return importlib.import_module("deepscale.monitor.plot").main(argv[1:])
     args = parse_args(argv)
     if args.version:

@@ -46,7 +46,6 @@ class _Call(CallState):
     out_spec = None
     out_others = None
     num_out_tensors = 0
-    num_inputs = 0
     params = ()
 
 
@@ -185,7 +184,6 @@ def checkpoint(function, *args, **kwargs):
     with torch.no_grad(), boundary("forward"), _ModulesRun() as run:
         outputs = function(*args, **kwargs)
     tensors = call.inputs.tensors(args, kwargs)
-    call.num_inputs = len(tensors)
     params = run.trainable_params({id(t) for t in tensors})
     if any(_is_partitioned(p) for p in params):
         # ZeRO-3 released them during the run: they cannot be Function inputs. Run again from the

@@ -71,7 +71,7 @@ class ContiguousSlots:
 class SavedInput:
     """One tensor input kept for recomputation (its value only; detached)."""
 
-    __slots__ = ("data", "shape", "dtype", "device", "requires_grad", "partitioned", "token", "group", "size")
+    __slots__ = ("data", "shape", "device", "requires_grad", "partitioned", "token", "group", "size")
 
     def restore(self) -> torch.Tensor:
         """The full input on its original device, detached, with the original ``requires_grad``."""
@@ -104,7 +104,7 @@ def save_input(tensor: torch.Tensor, position: int, slot: Optional[int], setting
         settings: the current settings.
     """
     saved = SavedInput()
-    saved.shape, saved.dtype, saved.device = tensor.shape, tensor.dtype, tensor.device
+    saved.shape, saved.device = tensor.shape, tensor.device
     saved.requires_grad = tensor.requires_grad
     saved.token = None
     group, size = (None, 1)

@@ -35,6 +35,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from deepscale.ops.cpu_optimizer_base import step_tensor as _step_tensor  # DeepSpeed's FusedAdam keeps an int
 from deepscale.runtime.checkpoint.atomic import read_latest_tag
 from deepscale.runtime.checkpoint.deepspeed_pickle import as_int, fragment_address, load_ds_file
 from deepscale.utils.zero_to_fp32 import CHECKPOINT_FORMAT_VERSION, MODEL_STATES_FILE
@@ -97,11 +98,6 @@ def _group_hypers(param_groups: List[dict], names: List[List[str]]) -> List[dict
                          f"{len(names)}")
     return [{**{k: v for k, v in group.items() if k not in NOT_HYPERPARAMETERS}, "names": list(group_names)}
             for group, group_names in zip(param_groups, names)]
-
-
-def _step_tensor(value) -> torch.Tensor:
-    # torch optimizers keep ``step`` as a float32 tensor; DeepSpeed's FusedAdam keeps an int.
-    return torch.tensor(float(value), dtype=torch.float32)
 
 
 def _group_scalars(torch_state: dict, num_groups: int, index_of_group: Callable[[int], int]) -> List[dict]:

@@ -180,8 +180,3 @@ class CollectiveRunner:
         """Check that every rank reaches the same phase boundary (``end_forward``,
         ``end_backward``) next, with the same ``token`` (a digest of what the phase did)."""
         self.checker.check(CollectiveInfo(kind, -1, last_module or "<none>", "", token, self.step))
-
-    @staticmethod
-    def wait(work, info: CollectiveInfo) -> None:
-        """Wait for ``work`` (the collective watchdog watches the waits of its handles)."""
-        work.wait()

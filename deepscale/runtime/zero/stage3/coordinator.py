@@ -274,7 +274,7 @@ class ParamCoordinator:
 
     def _complete_oldest(self) -> None:
         work, group, output, flat = self._pending.pop(0)
-        group.runner.wait(work, group.reduce_info)
+        work.wait()  # the collective watchdog watches this wait
         self.on_reduced(group, output)
         group.finish_reduce(flat)
 

@@ -151,7 +151,7 @@ class ParamGroup:
         if self.state == ShardState.SHARDED:
             self.start_gather()
         if self._work is not None:
-            self.runner.wait(self._work, self.gather_info)
+            self._work.wait()  # the collective watchdog watches this wait
         self._work = None
         self._materialize()
         self.state.to(ShardState.GATHERED)
