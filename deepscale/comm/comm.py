@@ -183,8 +183,9 @@ def set_training_step(step: int) -> None:
     get_watchdog().step = int(step)
 
 
-def collective_label(text: str):
-    """Context manager: collectives issued inside are reported with ``text`` (what they are for)."""
+def collective_label(text):
+    """Context manager: collectives issued inside are reported with ``text`` (what they are for;
+    a string, or a zero-argument callable that returns it, formatted only when needed)."""
     return get_watchdog().label(text)
 
 

@@ -40,6 +40,7 @@ _STORE_PREFIX = "deepscale/watchdog/"
 def _describe(record) -> str:
     name, numel, dtype, label, step = record
     text = f"{name} of {numel} {str(dtype).replace('torch.', '')} elements" if numel is not None else name
+    label = label() if callable(label) else label  # formatted only when a report needs it
     if label:
         text += f" ({label})"
     return f"{text} at step {step}"
@@ -81,8 +82,12 @@ class CollectiveWatchdog:
 
     # --- the training thread ----------------------------------------------------------------
     @contextmanager
-    def label(self, text: str):
-        """Attach ``text`` (what the collectives issued inside the block are for) to their reports."""
+    def label(self, text):
+        """Attach ``text`` (what the collectives issued inside the block are for) to their reports.
+
+        ``text`` may be a zero-argument callable returning the text: hot paths pass one, so the
+        text is only built when a report or the published last action needs it.
+        """
         previous = getattr(self._local, "label", None)
         self._local.label = text
         try:

@@ -123,7 +123,7 @@ class CollectiveRunner:
         if self.world_size == 1:
             output.copy_(shard)
             return _Done()
-        with dist.collective_label(info.label()):
+        with dist.collective_label(info.label):
             if self.per_owner and output.numel() > FUSED_GATHER_MAX_NUMEL:
                 numel = shard.numel()
                 output[self.rank * numel:(self.rank + 1) * numel].copy_(shard)
@@ -142,7 +142,7 @@ class CollectiveRunner:
         self.checker.check(info)
         self.num_all_gathers += 1
         world, rank, handles = self.world_size, self.rank, []
-        with dist.collective_label(info.label()):
+        with dist.collective_label(info.label):
             for offset, chunk in zip(offsets, chunks):
                 base = offset * world
                 full[base + rank * chunk:base + (rank + 1) * chunk].copy_(shard[offset:offset + chunk])
@@ -168,7 +168,7 @@ class CollectiveRunner:
         self.num_reduce_scatters += 1
         if self.world_size == 1:
             return _Done(), flat
-        with dist.collective_label(info.label()):
+        with dist.collective_label(info.label):
             if self.per_owner:
                 handles, own = owner_collectives.reduce_scatter_flat(flat, self.rank, self.world_size,
                                                                      self.reduce_group, "reduce")

@@ -97,7 +97,7 @@ class SequenceChecker:
         self.digest = value
         buffer = self._buffer
         buffer[0], buffer[1] = value, -value
-        with dist.collective_label(f"ZeRO-3 sequence check before {info.describe()}"):
+        with dist.collective_label(lambda: f"ZeRO-3 sequence check before {info.describe()}"):
             dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self.group)
         if int(buffer[0]) == value and int(buffer[1]) == -value:
             return
