@@ -209,7 +209,7 @@ class _Sharder:
         self.row(module, path, layout.output, rows, sizes)
 
     def sum_leftover_grads(self, module, path):
-        """Parameters of a sharded block that stay whole act on this rank's part only."""
+        """Parameters of a sharded attention module that stay whole (per-head norms) see this rank's heads only."""
         for name, param in module.named_parameters():
             if id(param) not in self.replaced and param.requires_grad:
                 allreduce_grad_over(param, self.group)
@@ -304,9 +304,11 @@ def apply_autotp(model: nn.Module, tp_group=None, shard_vocab: bool = True) -> A
     for kind, path, module, layout in blocks:
         if kind == "attention":
             sharder.attention(module, path, *layout)
+            sharder.sum_leftover_grads(module, path)
         else:
+            # No leftover rule here: an "MLP" match may be a whole decoder layer (OPT keeps fc1/fc2
+            # next to its norms), whose other parameters see replicated activations.
             sharder.mlp(module, path, layout)
-        sharder.sum_leftover_grads(module, path)
     _shard_vocab(sharder, emb, head)
     model._deepscale_autotp = sharder.report
     return sharder.report

@@ -1,0 +1,58 @@
+"""Tiny random-weight models for the tensor/sequence-parallel tests (no downloads)."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+VOCAB = 67  # odd on purpose: the vocabulary splits unevenly over 2 and 4 ranks
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=48, max_position_embeddings=64)
+
+# name -> (config class, keyword arguments). Dropout is 0 so TP=1 and TP=N see the same graph.
+HF_ARCHS = {
+    "llama_gqa": ("LlamaConfig", dict(_COMMON, num_key_value_heads=2)),
+    "llama_mqa": ("LlamaConfig", dict(_COMMON, num_key_value_heads=1)),
+    "llama_uneven_heads": ("LlamaConfig", dict(_COMMON, hidden_size=48, num_attention_heads=6,
+                                               num_key_value_heads=3, intermediate_size=50)),
+    "mistral": ("MistralConfig", dict(_COMMON, num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(_COMMON, num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(_COMMON, num_key_value_heads=2, head_dim=8)),
+    "gpt2": ("GPT2Config", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "gpt_neox": ("GPTNeoXConfig", dict(_COMMON, hidden_dropout=0.0, attention_dropout=0.0,
+                                       tie_word_embeddings=False)),
+    "phi": ("PhiConfig", dict(_COMMON, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)),
+    "opt": ("OPTConfig", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              ffn_dim=48, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                              word_embed_proj_dim=32)),
+}
+
+
+def build_hf(name: str, seed: int = 0):
+    """A causal LM of architecture ``name`` with weights from ``seed``."""
+    import transformers
+    cls_name, kwargs = HF_ARCHS[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.float().train()
+
+
+def load_example_gpt():
+    spec = importlib.util.spec_from_file_location("tp_example_gpt_model", REPO / "examples" / "gpt" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_example_gpt(seed: int = 0, n_head: int = 4, d_model: int = 32, vocab_size: int = VOCAB):
+    gpt = load_example_gpt()
+    torch.manual_seed(seed)
+    return gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=n_head, d_model=d_model, vocab_size=vocab_size, seq_len=16))
+
+
+def batches(num: int, batch: int, seq: int, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(num)]
