@@ -16,5 +16,6 @@ from deepscale.parallel.mappings import (allreduce_grad_over, copy_to_region, ev
                                          gather_sequence, reduce_from_region, reduce_scatter_sequence,
                                          scatter_sequence, split_along_dim)
 from deepscale.parallel.random import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+from deepscale.parallel.ulysses import DistributedAttention, seq_all_to_all, sequence_parallel_loss
 
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -56,3 +56,41 @@ def build_example_gpt(seed: int = 0, n_head: int = 4, d_model: int = 32, vocab_s
 def batches(num: int, batch: int, seq: int, seed: int = 5):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(num)]
+
+
+class UlyssesGPT(torch.nn.Module):
+    """The example GPT run with its sequence split over ``sp_group`` (Ulysses attention).
+
+    ``forward((ids, labels, start))`` takes this rank's slice of the tokens and labels and the
+    slice's first position; it returns :func:`sequence_parallel_loss` of the summed cross-entropy.
+    """
+
+    def __init__(self, gpt, sp_group):
+        super().__init__()
+        from deepscale.sequence.layer import DistributedAttention
+        self.gpt, self.sp_group = gpt, sp_group
+
+        def local(q, k, v):  # (batch, seq, heads, dim)
+            return torch.nn.functional.scaled_dot_product_attention(
+                *(t.transpose(1, 2) for t in (q, k, v)), is_causal=True).transpose(1, 2)
+
+        self.attention = DistributedAttention(local, sp_group, scatter_idx=2, gather_idx=1)
+
+    def _attn(self, block, x):
+        b, s, _ = x.shape
+        q, k, v = (t.view(b, s, -1, block.head_dim) for t in block.qkv(x).chunk(3, dim=2))
+        return block.proj(self.attention(q, k, v).reshape(b, s, -1))
+
+    def forward(self, batch):
+        from deepscale.sequence.layer import sequence_parallel_loss
+        ids, labels, start = batch
+        g = self.gpt
+        pos = torch.arange(int(start), int(start) + ids.shape[1])
+        x = g.tok_emb(ids) + g.pos_emb(pos)
+        for block in g.blocks:
+            x = x + self._attn(block.attn, block.ln_1(x))
+            x = x + block.mlp(block.ln_2(x))
+        logits = g.lm_head(g.ln_f(x))
+        loss_sum = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+        return sequence_parallel_loss(loss_sum, (labels != -100).sum(), self.sp_group)
