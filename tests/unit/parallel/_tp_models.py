@@ -53,9 +53,9 @@ def build_example_gpt(seed: int = 0, n_head: int = 4, d_model: int = 32, vocab_s
     return gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=n_head, d_model=d_model, vocab_size=vocab_size, seq_len=16))
 
 
-def batches(num: int, batch: int, seq: int, seed: int = 5):
+def batches(num: int, batch: int, seq: int, seed: int = 5, vocab: int = VOCAB):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (batch, seq), generator=g) for _ in range(num)]
+    return [torch.randint(0, vocab, (batch, seq), generator=g) for _ in range(num)]
 
 
 class UlyssesGPT(torch.nn.Module):
@@ -94,3 +94,68 @@ class UlyssesGPT(torch.nn.Module):
         loss_sum = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1),
                                                      ignore_index=-100, reduction="sum")
         return sequence_parallel_loss(loss_sum, (labels != -100).sum(), self.sp_group)
+
+
+class MegatronGPT(torch.nn.Module):
+    """The example GPT rebuilt by hand from tensor-parallel layers (Megatron style), optionally with
+    sequence parallelism, initialised from a dense example GPT ``dense``.
+
+    The logits stay split over the vocabulary and the loss is :func:`vocab_parallel_cross_entropy`.
+    """
+
+    def __init__(self, dense, tp_group, sequence_parallel: bool):
+        super().__init__()
+        import copy
+        from deepscale.parallel import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                        allreduce_grad_over, tie_column_to_embedding)
+        from deepscale.parallel.heads import head_rows
+        from deepscale.parallel.mappings import group_rank, group_size
+        tp, rank = group_size(tp_group), group_rank(tp_group)
+        self.group, self.sp = tp_group, sequence_parallel
+        width, heads = dense.cfg.d_model, dense.cfg.n_head
+        self.head_dim = width // heads
+        local_heads = list(range(rank * heads // tp, (rank + 1) * heads // tp))
+        q_rows = head_rows(local_heads, self.head_dim)
+        q_sizes = [width // tp] * tp
+        ffn = 4 * width
+        ffn_rows = torch.arange(rank * ffn // tp, (rank + 1) * ffn // tp)
+        self.emb = VocabParallelEmbedding.from_dense(dense.tok_emb, tp_group, sequence_parallel=sequence_parallel)
+        self.pos = copy.deepcopy(dense.pos_emb)
+        self.blocks = torch.nn.ModuleList()
+        for block in dense.blocks:
+            b = torch.nn.Module()
+            b.ln_1, b.ln_2 = copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2)
+            rows = torch.tensor(q_rows + [width + r for r in q_rows] + [2 * width + r for r in q_rows])
+            b.qkv = ColumnParallelLinear.from_dense(block.attn.qkv.weight, block.attn.qkv.bias, rows,
+                                                    [3 * s for s in q_sizes], tp_group,
+                                                    sequence_parallel=sequence_parallel)
+            b.proj = RowParallelLinear.from_dense(block.attn.proj.weight, block.attn.proj.bias, torch.tensor(q_rows),
+                                                  q_sizes, tp_group, sequence_parallel=sequence_parallel)
+            b.fc = ColumnParallelLinear.from_dense(block.mlp.fc.weight, block.mlp.fc.bias, ffn_rows,
+                                                   [ffn // tp] * tp, tp_group, sequence_parallel=sequence_parallel)
+            b.mproj = RowParallelLinear.from_dense(block.mlp.proj.weight, block.mlp.proj.bias, ffn_rows,
+                                                   [ffn // tp] * tp, tp_group, sequence_parallel=sequence_parallel)
+            self.blocks.append(b)
+        self.ln_f = copy.deepcopy(dense.ln_f)
+        self.head = tie_column_to_embedding(self.emb, gather_output=False, sequence_parallel=sequence_parallel)
+        if sequence_parallel:
+            # Replicated weights applied to this rank's slice of the tokens: sum their gradients. (Not
+            # the positional table: it is applied before scatter_sequence, whose backward gathers.)
+            for module in [self.ln_f] + [m for b in self.blocks for m in (b.ln_1, b.ln_2)]:
+                for p in module.parameters():
+                    allreduce_grad_over(p, tp_group)
+
+    def forward(self, batch):
+        from deepscale.parallel import scatter_sequence, vocab_parallel_cross_entropy
+        ids, labels = batch
+        pos = self.pos(torch.arange(ids.shape[1]))
+        x = self.emb(ids) + (scatter_sequence(pos, self.group, dim=0) if self.sp else pos)
+        for b in self.blocks:
+            h = b.qkv(b.ln_1(x))  # whole sequence, this rank's heads
+            bsz, seq, _ = h.shape
+            q, k, v = (t.view(bsz, seq, -1, self.head_dim).transpose(1, 2) for t in h.chunk(3, dim=2))
+            y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + b.proj(y.transpose(1, 2).reshape(bsz, seq, -1))
+            x = x + b.mproj(torch.nn.functional.gelu(b.fc(b.ln_2(x))))
+        logits = self.head(self.ln_f(x))  # whole sequence, this rank's vocabulary slice
+        return vocab_parallel_cross_entropy(logits, labels, self.group, self.emb.vocab_start, reduction="mean")
