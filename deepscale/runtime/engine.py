@@ -23,6 +23,7 @@ from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_l
                                             build_loss_scaler_for, cast_floating_inputs, configure_collective_watchdog,
                                             reducer_dtypes, stage0_bucket_numel)
 from deepscale.runtime.dp_optimizer import DataParallelOptimizer
+from deepscale.parallel.state_dict import full_state_dict
 from deepscale.runtime.model_parallel_setup import tensor_parallel_norm
 from deepscale.runtime.step_reporter import StepReporter
 from deepscale.runtime.zero.stage_1_and_2 import ZeroOptimizer, zero_optimizer_kwargs
@@ -289,11 +290,13 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self._train_opt.zero_grad()
 
     # --- checkpoints ----------------------------------------------------------------------
-    def _engine_state(self) -> EngineState:
+    def _engine_state(self, module_state=None) -> EngineState:
+        tp = self.mpu.get_model_parallel_world_size() if hasattr(self.mpu, "get_model_parallel_world_size") else 1
         return EngineState(module=self.module, optimizer=self._train_opt, lr_scheduler=self.lr_scheduler,
                            counters={name: getattr(self, name) for name in _COUNTER_NAMES},
                            config=getattr(self._config, "raw", None), dp_world_size=self.grad_world_size,
-                           zero_stage=self._config.zero_stage, dp_group=self.grad_group)
+                           zero_stage=self._config.zero_stage, dp_group=self.grad_group, module_state=module_state,
+                           tp_size=tp, tp_rank=self.mpu.get_model_parallel_rank() if tp > 1 else 0)
 
     def save_checkpoint(self, save_dir: str, tag=None, client_state=None, save_latest: bool = True,
                         exclude_frozen_parameters: bool = False) -> bool:
@@ -317,7 +320,9 @@ class Engine(EngineCompatMixin, torch.nn.Module):
             client_state = {**(client_state or {}), _LOADER_STATE_KEY: self.training_dataloader.state_dict()}
         # ZeRO-3: every rank helps gather the module weights that rank 0 writes whole.
         with getattr(self._train_opt, "module_state_context", contextlib.nullcontext)():
-            save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest,
+            # Tensor-parallel shards are saved whole, so the checkpoint loads at any TP degree.
+            whole = full_state_dict(self.module) if self._engine_state().tp_size > 1 else None
+            save_engine_checkpoint(self._engine_state(whole), os.fspath(save_dir), tag, client_state, save_latest,
                                    exclude_frozen_parameters=exclude_frozen_parameters)
         return True
 
