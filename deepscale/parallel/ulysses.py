@@ -118,14 +118,19 @@ class DistributedAttention(torch.nn.Module):
         gather_idx: the sequence dimension. Default 0. Use ``scatter_idx=2, gather_idx=1`` for
             ``(batch, seq, heads, dim)``.
         sp_stream: accepted for DeepSpeed compatibility (overlap streams); unused.
+        num_kv_heads: accepted for DeepSpeed compatibility; the key/value head count is read
+            from ``key`` (and checked against this when given).
 
-    ``forward(query, key, value, *args, **kwargs)`` takes this rank's sequence slice of each
-    (lengths may differ between ranks; ``key``/``value`` may have fewer heads) and returns this
-    rank's slice of the attention output.
+    ``forward(query, key, value, batch_dim_idx=None, rotary_pos_emb=None, *args, **kwargs)``
+    takes this rank's sequence slice of each (lengths may differ between ranks; ``key``/``value``
+    may have fewer heads) and returns this rank's slice of the attention output. As in
+    DeepSpeed, ``batch_dim_idx`` (0 or 1) names the batch dimension of 4-D inputs, making the
+    other of dimensions 0 and 1 the sequence; None keeps ``gather_idx``. ``args``/``kwargs`` go
+    to ``local_attention``.
     """
 
     def __init__(self, local_attention, sequence_process_group, scatter_idx: int = 2, gather_idx: int = 0,
-                 sp_stream=None):
+                 sp_stream=None, num_kv_heads=None):
         super().__init__()
         if scatter_idx == gather_idx:
             raise ValueError(f"DistributedAttention: scatter_idx ({scatter_idx}, the heads dimension) and gather_idx "
@@ -134,12 +139,24 @@ class DistributedAttention(torch.nn.Module):
         self.spg = sequence_process_group
         self.scatter_idx, self.gather_idx = scatter_idx, gather_idx
         self.sp_stream = sp_stream
+        self.num_kv_heads = num_kv_heads
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch_dim_idx=None,
+                rotary_pos_emb=None, *args, **kwargs):
+        if rotary_pos_emb is not None:
+            raise ValueError("DistributedAttention: rotary_pos_emb is not supported; apply the rotary embedding to "
+                             "the query and key slices (with their global positions) before calling it")
         world = group_size(self.spg)
         if world == 1:
             return self.local_attn(query, key, value, *args, **kwargs)
         heads, seq = self.scatter_idx % query.dim(), self.gather_idx % query.dim()
+        if batch_dim_idx is not None:
+            if batch_dim_idx not in (0, 1):
+                raise ValueError(f"DistributedAttention: batch_dim_idx must be 0 or 1, got {batch_dim_idx!r}")
+            seq = 1 - batch_dim_idx
+        if self.num_kv_heads is not None and key.shape[heads] != self.num_kv_heads:
+            raise ValueError(f"DistributedAttention: num_kv_heads={self.num_kv_heads} but key has "
+                             f"{key.shape[heads]} heads in dimension {heads}")
         if key.shape[heads] != value.shape[heads]:
             raise ValueError(f"DistributedAttention: key has {key.shape[heads]} heads but value has "
                              f"{value.shape[heads]} (dimension {heads})")

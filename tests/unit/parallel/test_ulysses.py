@@ -186,3 +186,27 @@ def test_ulysses_training_parity(world, sp, zero_stage, seq):
     for key, value in ref.items():
         assert torch.allclose(final[key], value, rtol=RTOL, atol=ATOL), \
             f"{key}: max diff {(final[key] - value).abs().max().item()}"
+
+
+def _batch_dim_idx_body():
+    import torch.distributed as dist
+    from deepscale.sequence.layer import DistributedAttention
+    rank = dist.get_rank()
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(2, 8, 4, 8) for _ in range(3))
+
+    def local(a, b, c):
+        return torch.nn.functional.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (a, b, c)), is_causal=True).transpose(1, 2)
+
+    ref = local(q, k, v)
+    part = slice(rank * 4, rank * 4 + 4)
+    # DeepSpeed's call: default scatter/gather indices with batch_dim_idx naming the batch dimension.
+    out = DistributedAttention(local, None)(q[:, part], k[:, part], v[:, part], 0)
+    assert torch.allclose(out, ref[:, part], rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="rotary_pos_emb"):
+        DistributedAttention(local, None)(q, k, v, 0, (q, q))
+
+
+def test_deepspeed_forward_signature_batch_dim_idx():
+    run_distributed(_batch_dim_idx_body, 2)
