@@ -94,9 +94,13 @@ def model_parallel_cuda_manual_seed(seed: int, mpu=None) -> None:
 
     Args:
         seed: the base seed.
-        mpu: object with ``get_model_parallel_rank()``; None means rank 0. Default None.
+        mpu: object with ``get_model_parallel_rank()``. Default None: the parallel grid
+            ``deepscale.initialize`` / ``build_parallel_grid`` registered, else rank 0.
     """
     rank = 0
+    if mpu is None:
+        from deepscale.parallel.grid import get_parallel_grid
+        mpu = get_parallel_grid()
     if mpu is not None and hasattr(mpu, "get_model_parallel_rank"):
         rank = int(mpu.get_model_parallel_rank())
     _TRACKER.reset()
