@@ -54,7 +54,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     from deepscale.config import DeepScaleConfig
     from deepscale.config.loader import load_config_dict
     from deepscale.runtime.engine import Engine
-    from deepscale.runtime.model_parallel_setup import apply_config_autotp, grid_for_config
+    from deepscale.runtime.model_parallel_setup import apply_config_autotp, grid_for_config, install_tp_input_check
     raw_config = None
     if mpu is None:  # tensor/sequence parallel degrees in the config: build their process groups
         raw_config = load_config_dict(config=config, config_params=config_params, args=args)
@@ -73,6 +73,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         apply_config_autotp(model, raw_config, mpu)
     engine = Engine(model=model, config=ds_config, optimizer=optimizer, model_parameters=model_parameters,
                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn, mpu=mpu)
+    if raw_config is not None and mpu is not None:
+        install_tp_input_check(engine.module, mpu)
     if dist.get_rank() == 0:
         logger.info(f"deepscale engine: world={dist.get_world_size()} dp={engine.dp_world_size} "
                     f"micro_batch={ds_config.train_micro_batch_size_per_gpu} "

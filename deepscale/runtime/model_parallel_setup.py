@@ -11,6 +11,7 @@ import torch
 from deepscale import comm as dist
 from deepscale.parallel.autotp import apply_autotp
 from deepscale.parallel.grid import build_parallel_grid, get_parallel_grid
+from deepscale.parallel.input_check import check_same_inputs, debug_enabled
 from deepscale.runtime.engine_setup import broadcast_module_from_rank0
 from deepscale.runtime.training_optimizer import TensorParallelNorm
 from deepscale.utils.logging import log_dist
@@ -103,3 +104,9 @@ def tensor_parallel_norm(module: torch.nn.Module, mpu) -> Optional[TensorParalle
         return None
     replicated = [p for p in module.parameters() if p.requires_grad and not getattr(p, "tensor_model_parallel", False)]
     return TensorParallelNorm(mpu.get_model_parallel_group(), size, replicated)
+
+
+def install_tp_input_check(module: torch.nn.Module, mpu) -> None:
+    """With ``DEEPSCALE_TP_DEBUG=1``: check on every forward that the TP ranks got the same inputs."""
+    if debug_enabled() and mpu.get_model_parallel_world_size() > 1:
+        check_same_inputs(module, mpu.get_model_parallel_group())

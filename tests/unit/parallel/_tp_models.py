@@ -159,3 +159,45 @@ class MegatronGPT(torch.nn.Module):
             x = x + b.mproj(torch.nn.functional.gelu(b.fc(b.ln_2(x))))
         logits = self.head(self.ln_f(x))  # whole sequence, this rank's vocabulary slice
         return vocab_parallel_cross_entropy(logits, labels, self.group, self.emb.vocab_start, reduction="mean")
+
+
+def saved_activation_bytes(model, fn) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs (parameters excluded,
+    shared storages counted once): the activation memory of one forward."""
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in param_storages:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+def sp_activation_ratio(seq: int, d_model: int = 64, n_head: int = 8, vocab: int = 64):
+    """Per-rank saved-activation bytes of the Ulysses example GPT at this group's SP degree over SP=1
+    (every rank measures both; call on all ranks of the default group)."""
+    import torch.distributed as dist
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gpt = load_example_gpt()
+    torch.manual_seed(0)
+    dense = gpt.GPT(gpt.GPTConfig(n_layer=2, n_head=n_head, d_model=d_model, vocab_size=vocab, seq_len=seq))
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
+    solo = None
+    for r in range(world):  # a one-rank group per rank: DistributedAttention then runs locally (SP=1)
+        g = dist.new_group([r])
+        if r == rank:
+            solo = g
+    single = UlyssesGPT(dense, solo)
+    full = saved_activation_bytes(single, lambda: single((ids, ids, 0)))
+    split = UlyssesGPT(dense, None)
+    part = seq // world
+    local = ids[:, rank * part:(rank + 1) * part]
+    sharded = saved_activation_bytes(split, lambda: split((local, local, rank * part)))
+    return sharded / full, full, sharded

@@ -76,3 +76,30 @@ def _unshardable_body():
 
 def test_unshardable_models_name_the_module():
     run_distributed(_unshardable_body, 2)
+
+
+def _input_check_body():
+    import os
+    import torch.distributed as dist
+    import deepscale
+    from deepscale.parallel import reset_parallel_grid
+    from _tp_models import build_example_gpt
+    reset_parallel_grid()
+    os.environ["DEEPSCALE_TP_DEBUG"] = "1"
+    try:
+        engine, *_ = deepscale.initialize(model=build_example_gpt(), config={
+            "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+            "tensor_parallel": {"autotp_size": 2}})
+    finally:
+        del os.environ["DEEPSCALE_TP_DEBUG"]
+    same = torch.randint(0, 60, (2, 8), generator=torch.Generator().manual_seed(0))
+    engine((same, same))  # identical batches pass
+    wrong = same + dist.get_rank()  # a loader sharded by global rank
+    with pytest.raises(ValueError, match="tensor-parallel ranks \\[1\\].*same batch"):
+        engine((wrong, wrong))
+    engine.destroy()
+    reset_parallel_grid()
+
+
+def test_debug_mode_checks_tp_ranks_get_the_same_batch():
+    run_distributed(_input_check_body, 2)

@@ -210,3 +210,14 @@ def _batch_dim_idx_body():
 
 def test_deepspeed_forward_signature_batch_dim_idx():
     run_distributed(_batch_dim_idx_body, 2)
+
+
+def _memory_body(seq):
+    from _tp_models import sp_activation_ratio
+    return sp_activation_ratio(seq)
+
+
+def test_sp4_activation_memory_per_rank():
+    # Saved-for-backward bytes of one forward, per rank, SP=4 over SP=1 (acceptance: <= 0.35).
+    ratios = [r[0] for r in run_distributed(_memory_body, 4, args=(1024,))]
+    assert max(ratios) <= 0.35, ratios
