@@ -14,7 +14,7 @@ RTOL, ATOL = 1e-5, 1e-6
 STEPS, LR, MOMENTUM, CLIP = 5, 0.1, 0.9, 0.5
 
 
-def _body(tp, sequence_parallel, zero_stage):
+def _body(tp, sequence_parallel, zero_stage, via_mpu=False):
     import copy
     import torch.distributed as dist
     import deepscale
@@ -38,8 +38,12 @@ def _body(tp, sequence_parallel, zero_stage):
         ref_losses.append(loss.item())
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": CLIP,
               "optimizer": {"type": "SGD", "params": {"lr": LR, "momentum": MOMENTUM}},
-              "zero_optimization": {"stage": zero_stage}, "tensor_parallel": {"tp": {"tp_size": tp}}}
-    engine, *_ = deepscale.initialize(model=model, config=config)
+              "zero_optimization": {"stage": zero_stage}}
+    if via_mpu:  # a Megatron-style mpu passed by the user (the grid has the same methods)
+        engine, *_ = deepscale.initialize(model=model, config=config, mpu=grid)
+    else:
+        config["tensor_parallel"] = {"tp": {"tp_size": tp}}
+        engine, *_ = deepscale.initialize(model=model, config=config)
     dp_rank = grid.get_data_parallel_rank()
     losses, norms = [], []
     for ids in data:
@@ -68,7 +72,8 @@ def _body(tp, sequence_parallel, zero_stage):
     reset_parallel_grid()
 
 
-@pytest.mark.parametrize("world, tp, sequence_parallel, zero_stage", [
-    (2, 2, False, 0), (2, 2, True, 0), (4, 4, True, 0), (4, 2, True, 1)])
-def test_megatron_style_tp_training_parity(world, tp, sequence_parallel, zero_stage):
-    run_distributed(_body, world, args=(tp, sequence_parallel, zero_stage))
+@pytest.mark.parametrize("world, tp, sequence_parallel, zero_stage, via_mpu", [
+    (2, 2, False, 0, False), (2, 2, True, 0, False), (4, 4, True, 0, False), (4, 2, True, 1, False),
+    (4, 2, False, 2, True)])
+def test_megatron_style_tp_training_parity(world, tp, sequence_parallel, zero_stage, via_mpu):
+    run_distributed(_body, world, args=(tp, sequence_parallel, zero_stage, via_mpu))
