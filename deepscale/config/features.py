@@ -117,9 +117,6 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("zero_optimization.offload_optimizer.device", _offloaded, "ZeRO-Offload of optimizer states",
                        "set it to 'none' or remove offload_optimizer", scope="zero_optimization.offload_optimizer",
                        values=("none", "cpu", "nvme")),
-    UnavailableFeature("zero_optimization.offload_param.device", _offloaded, "ZeRO-Offload of parameters",
-                       "set it to 'none' or remove offload_param", scope="zero_optimization.offload_param",
-                       values=("none", "cpu", "nvme")),
     # Stage 3 reduce-scatters without the pre-division (the averaged gradient is the same), and it
     # tolerates parameters that get no gradient; refusing beats silently doing something else.
     UnavailableFeature("prescale_gradients", _on, "gradient pre-division in the ZeRO stage 3 reduce-scatter",
@@ -223,7 +220,7 @@ ZERO_KEYS_IGNORED = [
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stage 3 only", zero_stages=frozenset({1, 2}),
                    keys=_zero_keys("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters",
                                    "max_reuse_distance", "gather_16bit_weights_on_model_save",
-                                   "debug_sequence_check",
+                                   "debug_sequence_check", "offload_param",
                                    "stage3_gather_fp16_weights_on_model_save")),
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stages 1-2 only (stage 3 gathers parameters by module "
                    "and always overlaps its reduce-scatters with backward)", zero_stages=frozenset({3}),

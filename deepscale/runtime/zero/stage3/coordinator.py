@@ -77,6 +77,9 @@ class ParamCoordinator:
         self._reduce_order: List[int] = []
         self._launched = 0  # how many groups of _reduce_order this backward has reduced
         self._ready: set = set()
+        # parameter offload (runtime/offload/param_offload.py): told where each phase begins
+        # and ends, so that it reads shards ahead in the order the last pass used them
+        self.offload = None
 
     # --- gather / release -----------------------------------------------------------------
     def fetch(self, group: ParamGroup) -> None:
@@ -123,6 +126,8 @@ class ParamCoordinator:
             return  # forward during backward: activation checkpointing recomputes
         self.training.to(TrainingState.FORWARD)
         self._current, self._on_track, self._prefetch_cursor = [], bool(self.trace), 0
+        if self.offload is not None:
+            self.offload.begin_phase("forward")
         self._modules_run = 0
 
     def enter_module(self, name: str, index: int) -> None:
@@ -145,6 +150,10 @@ class ParamCoordinator:
                 self.release(group)
         self._set_trace(self._current)
         self.training.to(TrainingState.IDLE)
+        if self.offload is not None:
+            self.offload.end_phase()
+            if torch.is_grad_enabled():
+                self.offload.prepare_phase("backward")
 
     def _set_trace(self, trace: List[int]) -> None:
         self.trace = list(trace)
@@ -226,6 +235,8 @@ class ParamCoordinator:
         if self.training == TrainingState.IDLE:
             self.training.to(TrainingState.BACKWARD)
             self._bwd_cursor = len(self.trace) - 1
+            if self.offload is not None:
+                self.offload.begin_phase("backward")
         for group in groups:
             self.fetch(group)
         if self.prefetch_numel > 0 and self.training == TrainingState.BACKWARD:
@@ -299,6 +310,8 @@ class ParamCoordinator:
         self.running_hooks.clear()
         if self.training == TrainingState.BACKWARD:
             self.training.to(TrainingState.IDLE)
+        if self.offload is not None:
+            self.offload.end_phase()
 
     @property
     def has_pending_reduces(self) -> bool:
