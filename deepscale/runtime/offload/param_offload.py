@@ -35,7 +35,6 @@ from deepscale import comm as dist
 from deepscale.runtime.offload.param_prefetch_plan import SwapInPlan, plan_swap_ins
 from deepscale.runtime.offload.param_stores import HostShardStore, NvmeShardStore
 from deepscale.runtime.offload.param_swap_file import ParamSwapDirectory
-from deepscale.runtime.zero.stage3.buffers import ReleasableBuffer
 from deepscale.utils.logging import logger
 
 
@@ -120,7 +119,7 @@ class ParamOffload:
         self.nvme: Optional[NvmeShardStore] = None
         self._store: Dict[int, object] = {}
         self._assign_stores(debug or settings.debug)
-        self._buffers: Dict[int, ReleasableBuffer] = {}
+        self._buffers: Dict[int, object] = {}  # index -> ReleasableBuffer
         self._resident: set = set()
         self._plans: Dict[str, SwapInPlan] = {}
         self._phase: Optional[str] = None
@@ -177,6 +176,8 @@ class ParamOffload:
 
     @torch.no_grad()
     def _move_shards_out(self) -> None:
+        # imported here: the stage-3 package imports this module (its optimizer builds the offload)
+        from deepscale.runtime.zero.stage3.buffers import ReleasableBuffer
         for index, group in self.groups.items():
             buffer = ReleasableBuffer(group.shard_numel, group.dtype, group.device)
             group.use_shard_storage(buffer.acquire())  # copies the values; the old shard is freed

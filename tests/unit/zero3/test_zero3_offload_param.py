@@ -88,3 +88,44 @@ def test_offload_param_nvme_with_frozen_layer_and_checkpointing(tmp_path):
     results = run_distributed(_parity, 2, args=(2, "nvme", str(tmp_path), "fp32",
                                                 {"frozen": True, "use_checkpoint": True}))
     _check(results, "nvme", "fp32")
+
+
+# --- errors: clear, and raised on every rank ---------------------------------------------------
+def _expect_error(world, nvme_path, case):
+    import errno
+    import torch.distributed as dist
+    from deepscale.runtime.offload import param_swap_file
+    rank = dist.get_rank()
+    zero = dict(STAGE3_SMALL, offload_param=offload_section("nvme", os.path.join(nvme_path, "swap")))
+    if case == "buffer_size":
+        zero["offload_param"]["buffer_size"] = 50
+    saved = param_swap_file.ParamSwapDirectory.free_bytes
+    if case == "free_space" and rank == 0:
+        param_swap_file.ParamSwapDirectory.free_bytes = lambda self: 1000
+    try:
+        engine = build_gpt_engine(3, world, extra_cfg={}, **zero)
+        if case == "disk_full" and rank == 1:
+            def full_disk(*args, **kwargs):
+                raise OSError(errno.ENOSPC, "async I/O write failed: No space left on device", "group.swp")
+            for slot in engine._train_opt.param_offload.nvme.slots:
+                slot.handle.async_pwrite = full_disk
+        train_gpt(engine, world, range(2))
+    except (RuntimeError, ValueError) as exc:
+        return type(exc).__name__, str(exc)
+    finally:
+        param_swap_file.ParamSwapDirectory.free_bytes = saved  # the worker process is reused
+    return None
+
+
+@pytest.mark.parametrize("case, kind, words", [
+    ("buffer_size", "ValueError", ["offload_param.buffer_size=50 elements is too small", "set buffer_size >= "]),
+    ("free_space", "RuntimeError", ["failed on 1 rank(s): rank 0", "only 0.0 MiB are free", "nvme_path"]),
+    ("disk_full", "RuntimeError", ["writing the updated parameter shards failed on 1 rank(s): rank 1",
+                                   "No space left on device", "nvme_path"]),
+])
+def test_nvme_errors_are_clear_and_on_every_rank(case, kind, words, tmp_path):
+    results = run_distributed(_expect_error, 2, args=(2, str(tmp_path), case))
+    for result in results:  # every rank raised (none hung, none went on)
+        assert result is not None and result[0] == kind, result
+        for word in words:
+            assert word in result[1], result[1]
