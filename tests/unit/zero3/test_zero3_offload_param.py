@@ -129,3 +129,60 @@ def test_nvme_errors_are_clear_and_on_every_rank(case, kind, words, tmp_path):
         assert result is not None and result[0] == kind, result
         for word in words:
             assert word in result[1], result[1]
+
+
+# --- checkpoints: portable in both directions ---------------------------------------------------
+CKPT_GLOBAL, SAVED_STEPS, MORE_STEPS = 8, 4, 2
+
+
+def _ckpt_engine(world, stage, nvme_path, device, model=None):
+    zero = dict(STAGE3_SMALL)
+    if device is not None:
+        zero["offload_param"] = offload_section(device, os.path.join(nvme_path, f"swap{world}{stage}"))
+    gas = CKPT_GLOBAL // (2 * world)
+    return build_gpt_engine(stage, world, gas=gas, model=model, model_kwargs={"frozen": True}, **zero), gas
+
+
+def _ckpt_save(world, stage, path, device):
+    engine, gas = _ckpt_engine(world, stage, path, device)
+    train_gpt(engine, world, range(SAVED_STEPS), gas=gas)
+    engine.save_checkpoint(path, tag="ckpt")
+    saved = full_params(engine)
+    more = train_gpt(engine, world, range(SAVED_STEPS, SAVED_STEPS + MORE_STEPS), gas=gas)
+    engine.destroy()
+    return saved, more
+
+
+def _ckpt_load(world, stage, path, device):
+    from _zero3_models import make_gpt
+    engine, gas = _ckpt_engine(world, stage, path, device, model=make_gpt(seed=99, frozen=True))
+    engine.load_checkpoint(path, tag="ckpt")
+    loaded = full_params(engine)
+    more = train_gpt(engine, world, range(SAVED_STEPS, SAVED_STEPS + MORE_STEPS), gas=gas)
+    engine.destroy()
+    return loaded, more
+
+
+def _check_resumed(saved, more, runs):
+    for loaded, loaded_more in runs:
+        for name, value in saved.items():
+            torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(torch.tensor(loaded_more), torch.tensor(more), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_saved_with_params_on_nvme_loads_anywhere(tmp_path):
+    path = str(tmp_path)
+    saved, more = run_distributed(_ckpt_save, 2, args=(2, 3, path, "nvme"))[0]
+    _check_resumed(saved, more, run_distributed(_ckpt_load, 1, args=(1, 0, path, None)))
+    _check_resumed(saved, more, run_distributed(_ckpt_load, 2, args=(2, 2, path, None)))
+    _check_resumed(saved, more, run_distributed(_ckpt_load, 4, args=(4, 3, path, "cpu")))
+    from deepscale.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(path, tag="ckpt")
+    for name, value in saved.items():
+        torch.testing.assert_close(consolidated[name], value, rtol=0, atol=0)
+
+
+def test_checkpoint_without_offload_loads_with_params_on_nvme(tmp_path):
+    path = str(tmp_path)
+    saved, more = run_distributed(_ckpt_save, 2, args=(2, 2, path, None))[0]
+    _check_resumed(saved, more, run_distributed(_ckpt_load, 2, args=(2, 3, path, "nvme")))
