@@ -252,6 +252,25 @@ class ParamCoordinator:
                 self._start(group)
             self._bwd_cursor -= 1
 
+    def has_frozen(self, groups: Sequence[ParamGroup]) -> bool:
+        """Whether any of ``groups`` has no trainable parameter (no gradient ever releases it)."""
+        return any(not self.trainable_of[g.index] for g in groups)
+
+    def post_backward(self, groups: Sequence[ParamGroup]) -> None:
+        """A module's backward is done: release its groups that have no trainable parameter.
+
+        Note: frozen groups in backward. A group is released in backward once its gradients
+        are in (``grad_ready``); a group of frozen parameters gets none, so without this it
+        stayed gathered until the backward ended: a frozen body of any size was held whole.
+        Its modules' inputs pass through an identity whose backward runs when the module's
+        backward finished (``hooks._PostBackward``, as PyTorch FSDP2 does); a later module
+        that reads the group again gathers it again in its pre-backward hook."""
+        if self.training != TrainingState.BACKWARD:
+            return
+        for group in groups:
+            if not self.trainable_of[group.index] and group.users == 0:
+                self.release(group)
+
     def grad_ready(self, param: torch.nn.Parameter, group: ParamGroup) -> None:
         """Post-accumulate-grad hook: reduce the group once all its trainable gradients are in."""
         group.reported.add(id(param))
