@@ -12,6 +12,7 @@ offload the same measurement grows with the shards, which shows the test can fai
 import torch
 
 from dist_harness import run_distributed
+from _zero3_helpers import trim_heap
 
 DIM, SMALL, BIG = 1024, 8, 40
 LAYER_BYTES = DIM * DIM * 4
@@ -43,14 +44,6 @@ def _peak() -> int:
         return next(int(line.split()[1]) * 1024 for line in handle if line.startswith("VmHWM"))
 
 
-def _trim() -> None:
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _measure(world, layers, device, nvme_path):
@@ -63,7 +56,7 @@ def _measure(world, layers, device, nvme_path):
                                  "buffer_size": DIM * DIM // world}
     cfg = {"train_batch_size": 4 * world, "train_micro_batch_size_per_gpu": 4, "zero_optimization": zero,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "gradient_clipping": 1.0}
-    _trim()
+    trim_heap()
     base = _rss()
     torch.manual_seed(0)
     with deepscale.zero.Init():
@@ -71,7 +64,7 @@ def _measure(world, layers, device, nvme_path):
     engine, _, _, _ = deepscale.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     gen = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, DIM, generator=gen), torch.randn(4, DIM, generator=gen)) for _ in range(3)]
-    _trim()
+    trim_heap()
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset the high-water mark: what follows is training only
     losses = []
