@@ -352,6 +352,7 @@ class ParamOffload:
             out.update(nvme_groups=sum(1 for s in self._store.values() if s is self.nvme),
                        nvme_bytes_read=self.nvme.bytes_read, nvme_bytes_written=self.nvme.bytes_written,
                        loads_read_ahead=self.nvme.loads_read_ahead, loads_on_demand=self.nvme.loads_on_demand,
+                       load_wait_s=self.nvme.load_wait_s,
                        swap_dir=self.nvme.dir.path)
         return out
 

@@ -8,6 +8,7 @@ I/O handle so that one buffer's read can be waited on while the others' stay in 
 """
 import ctypes
 import ctypes.util
+import time
 from typing import Dict, List, Optional
 
 import torch
@@ -105,6 +106,7 @@ class NvmeShardStore:
         self.write_errors: List[str] = []
         self.bytes_read = self.bytes_written = 0
         self.loads_read_ahead = self.loads_on_demand = 0  # how loads found their shard
+        self.load_wait_s = 0.0  # time loads spent waiting for reads (what read-ahead did not hide)
 
     def _padded_view(self, slot: _Slot, key: int) -> torch.Tensor:
         itemsize = slot.buffer.element_size()
@@ -189,7 +191,9 @@ class NvmeShardStore:
         else:
             self.loads_read_ahead += 1
         if slot.op == "read":
+            start = time.perf_counter()
             self._finish(slot)
+            self.load_wait_s += time.perf_counter() - start
         self.dir.verify(key, slot.buffer)
         dest.copy_(slot.buffer[:self.numel[key]], non_blocking=dest.device.type != "cpu")
         if dest.device.type != "cpu" and torch.cuda.is_available():
