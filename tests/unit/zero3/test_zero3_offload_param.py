@@ -186,3 +186,23 @@ def test_checkpoint_without_offload_loads_with_params_on_nvme(tmp_path):
     path = str(tmp_path)
     saved, more = run_distributed(_ckpt_save, 2, args=(2, 2, path, None))[0]
     _check_resumed(saved, more, run_distributed(_ckpt_load, 2, args=(2, 3, path, "nvme")))
+
+
+def _built_under_init_for_nvme(world, nvme_path):
+    import deepscale.zero
+    from _zero3_models import make_gpt
+    with deepscale.zero.Init(remote_device="nvme"):
+        model = make_gpt()
+    zero = dict(STAGE3_SMALL, offload_param=offload_section("nvme", os.path.join(nvme_path, "swap")))
+    engine = build_gpt_engine(3, world, model=model, **zero)
+    losses = train_gpt(engine, world, range(3))
+    engine.destroy()
+    plain = build_gpt_engine(3, world, **STAGE3_SMALL)
+    want = train_gpt(plain, world, range(3))
+    plain.destroy()
+    return losses, want
+
+
+def test_model_built_under_init_with_remote_device_nvme_trains(tmp_path):
+    for losses, want in run_distributed(_built_under_init_for_nvme, 2, args=(2, str(tmp_path))):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=1e-5, atol=1e-6)
