@@ -121,6 +121,7 @@ class ParamOffload:
         self._assign_stores(debug or settings.debug)
         self._buffers: Dict[int, object] = {}  # index -> ReleasableBuffer
         self._resident: set = set()
+        self._open: Dict[int, bool] = {}  # groups open for writes -> loaded by open_for_write
         self._plans: Dict[str, SwapInPlan] = {}
         self._phase: Optional[str] = None
         self._prepared: Optional[str] = None
@@ -274,22 +275,44 @@ class ParamOffload:
         for param, src in zip(params, sources):
             by_group.setdefault(param._ds_group.index, []).append((param, src))
         for index, pairs in sorted(by_group.items()):
-            if index not in self.groups:
-                torch._foreach_copy_([p.ds_tensor for p, _ in pairs], [s for _, s in pairs])
-                continue
-            group = self.groups[index]
-            loaded_here = index not in self._resident
-            if loaded_here:
-                dest = self._buffers[index].acquire()
-                if len(pairs) == len(group.params):
-                    dest.zero_()  # every piece is overwritten; zeros in the padding
-                else:
-                    self._store[index].load(index, dest)  # keep the pieces not published
-                self._resident.add(index)
+            group = pairs[0][0]._ds_group
+            self.open_for_write(group, overwrite=len(pairs) == len(group.params))
             torch._foreach_copy_([p.ds_tensor for p, _ in pairs], [s for _, s in pairs])
-            self._store[index].put(index, self._buffers[index].tensor)
-            if loaded_here:
-                self._evict(index)
+        self.close_writes()
+
+    @torch.no_grad()
+    def open_for_write(self, group, overwrite: bool = False) -> None:
+        """Load ``group``'s shard so that writes through its parameters' ``ds_tensor`` land;
+        :meth:`close_writes` stores every group opened. At most ``buffer_count`` groups stay
+        open: opening another stores the oldest first (a later write to it opens it again).
+
+        Args:
+            group: the parameter group.
+            overwrite: every element will be written: skip reading the old shard.
+        """
+        index = group.index
+        if index not in self.groups or index in self._open:
+            return
+        if len(self._open) >= max(1, self.settings.buffer_count):
+            self._store_back(next(iter(self._open)))
+        loaded_here = index not in self._resident
+        if loaded_here and overwrite:
+            self._buffers[index].acquire().zero_()  # zeros in the padding
+            self._resident.add(index)
+        else:
+            self._load(index)
+        self._open[index] = loaded_here
+
+    def _store_back(self, index: int) -> None:
+        loaded_here = self._open.pop(index)
+        self._store[index].put(index, self._buffers[index].tensor)
+        if loaded_here:
+            self._evict(index)
+
+    def close_writes(self) -> None:
+        """Store every group opened by :meth:`open_for_write` (a collective: errors are agreed)."""
+        for index in list(self._open):
+            self._store_back(index)
         self._flush("writing the updated parameter shards")
 
     # --- read-ahead -----------------------------------------------------------------------
