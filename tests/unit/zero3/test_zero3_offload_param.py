@@ -43,17 +43,17 @@ def _train(world, offload, extra_cfg, model_kwargs=None):
     return losses, params, stats, shard_numel_resident
 
 
-def _parity(world, device, nvme_path, precision, model_kwargs=None):
+def _parity(world, device, nvme_path, precision, model_kwargs=None, **section):
     import torch.distributed as dist
     extra = {precision: {"enabled": True}} if precision != "fp32" else {}
     path = os.path.join(nvme_path, "swap") if nvme_path else None
     base = _train(world, None, extra, model_kwargs)
-    off = _train(world, offload_section(device, path), extra, model_kwargs)
+    off = _train(world, offload_section(device, path, **section), extra, model_kwargs)
     leftover = os.path.exists(os.path.join(path, "deepscale_param_swap", f"rank{dist.get_rank()}")) if path else False
     return base, off, leftover
 
 
-def _check(results, device, precision):
+def _check(results, device, precision, mixed=False):
     rtol = 1e-6
     for (base, off, leftover) in results:
         losses0, params0, _, _ = base
@@ -64,7 +64,9 @@ def _check(results, device, precision):
             assert rel <= rtol, f"{name}: relative difference {rel:.2e}"
         assert stats["device"] == device and stats["groups"] > 3 and stats["loads"] > 0
         assert resident == 0
-        if device == "nvme":
+        if device == "nvme" and mixed:
+            assert 0 < stats["nvme_groups"] < stats["groups"] and stats["host_bytes"] > 0
+        elif device == "nvme":
             assert stats["nvme_groups"] == stats["groups"]
             assert stats["nvme_bytes_read"] > 0 and stats["nvme_bytes_written"] > 0
             # after the first pass the recorded order is followed: most loads were read ahead
@@ -206,3 +208,11 @@ def _built_under_init_for_nvme(world, nvme_path):
 def test_model_built_under_init_with_remote_device_nvme_trains(tmp_path):
     for losses, want in run_distributed(_built_under_init_for_nvme, 2, args=(2, str(tmp_path))):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_offload_param_nvme_with_max_in_cpu_keeps_some_groups_in_host_memory(tmp_path):
+    # max_in_cpu of 3000 shard elements keeps the first groups in (pinned, where allowed) host
+    # memory and swaps the rest; buffer_count 1 reads one group ahead
+    results = run_distributed(_parity, 2, args=(2, "nvme", str(tmp_path), "fp32", None),
+                              kwargs=dict(max_in_cpu=3000, buffer_count=1, pin_memory=True))
+    _check(results, "nvme", "fp32", mixed=True)
