@@ -150,3 +150,63 @@ def test_pinning_that_cannot_be_had_warns_once(monkeypatch):
         buf = host_buffer(1000, torch.float32, pin=True, what="parameter shards")
         assert buf.numel() == 1000 and buf.data_ptr() % 4096 == 0
     assert len(messages) == 1 and "pageable" in messages[0] and "pin_memory" in messages[0]
+
+
+# --- the executor on one rank: read-ahead on and off its plan, writes ---------------------------
+def _offloaded_groups(tmp_path, num_groups=4, numel=300, buffer_count=2):
+    from deepscale.runtime.offload.param_offload import ParamOffload
+    from deepscale.runtime.zero.stage3.collectives import CollectiveRunner
+    from deepscale.runtime.zero.stage3.param_group import ParamGroup
+    from deepscale.runtime.zero.stage3.zero_param import partition_param
+    torch.manual_seed(0)
+    values = [torch.randn(numel) for _ in range(num_groups)]
+    params = [torch.nn.Parameter(v.clone()) for v in values]
+    for param in params:
+        partition_param(param, None, 1, 0)
+    runner = CollectiveRunner(None, 1)
+    groups = [ParamGroup(i, [p], [f"p{i}"], [f"m{i}"], runner) for i, p in enumerate(params)]
+    settings = ParamOffloadSettings(device="nvme", nvme_path=str(tmp_path), buffer_count=buffer_count,
+                                    buffer_size=1000, max_in_cpu=0, aio=AIO)
+    return ParamOffload(settings, groups, None, 1), groups, values
+
+
+def _pass(offload, groups, values, order):
+    offload.begin_phase("forward")
+    for index in order:
+        group = groups[index]
+        group.finish_gather()
+        torch.testing.assert_close(group.params[0].data, values[index], rtol=0, atol=0)
+        group.release()
+        assert not offload._buffers[index].resident  # the shard left the module's storage again
+    offload.end_phase()
+
+
+def test_read_ahead_follows_the_recorded_order_and_recovers_from_another(tmp_path):
+    offload, groups, values = _offloaded_groups(tmp_path)
+    nvme = offload.nvme
+    _pass(offload, groups, values, [0, 1, 2, 3])  # recorded: all on demand
+    assert (nvme.loads_read_ahead, nvme.loads_on_demand) == (0, 4)
+    _pass(offload, groups, values, [0, 1, 2, 3])
+    assert (nvme.loads_read_ahead, nvme.loads_on_demand) == (4, 4)
+    assert offload.plan("forward").order == (0, 1, 2, 3)
+    _pass(offload, groups, values, [3, 2, 1, 0])  # another path: correct values, read on demand after the miss
+    assert nvme.loads_on_demand > 4
+    _pass(offload, groups, values, [3, 2, 1, 0])  # the new order was recorded
+    assert offload.plan("forward").order == (3, 2, 1, 0)
+    before = nvme.loads_read_ahead
+    _pass(offload, groups, values, [3, 2, 1, 0])
+    assert nvme.loads_read_ahead == before + 4
+    offload.close()
+
+
+def test_writes_through_open_for_write_are_stored_with_few_groups_loaded(tmp_path):
+    offload, groups, values = _offloaded_groups(tmp_path, num_groups=5, buffer_count=2)
+    for index, group in enumerate(groups):  # piece by piece, as the optimizer's slab walk does
+        offload.open_for_write(group)
+        assert len(offload._resident) <= 2
+        group.params[0].ds_tensor[:10].fill_(float(index))
+        values[index][:10] = float(index)
+    offload.close_writes()
+    assert not offload._resident
+    _pass(offload, groups, values, range(5))
+    offload.close()
