@@ -25,6 +25,8 @@ next collective and would wait forever. Writes are therefore flushed at points e
 reaches together (after the initial swap-out, after each publish) and the ranks agree there on
 whether any failed; all of them raise the same error, naming the failing ranks.
 """
+import os
+import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -163,17 +165,29 @@ class ParamOffload:
         self.nvme = NvmeShardStore(directory, self.settings.buffer_count, slot_numel, on_nvme[0].dtype,
                                    self.settings.pin_memory, self.settings.aio)
         needed = sum(directory.padded(g.shard_numel * itemsize) for g in on_nvme)
-        free = directory.free_bytes()
-        error = None
-        if needed > free:
-            error = (f"the parameter swap files need {needed / 2**20:.1f} MiB under {directory.path}, "
-                     f"only {free / 2**20:.1f} MiB are free")
-        self._agree(error, "checking free space for the parameter swap files")
+        self._check_free_space(directory, needed)
         for group in on_nvme:
             self._store[group.index] = self.nvme
         logger.info(f"offload_param: {len(on_nvme)} parameter groups ({needed / 2**20:.1f} MiB) swap to "
                     f"{directory.path}, {len(self.groups) - len(on_nvme)} stay in host memory (max_in_cpu="
                     f"{self.settings.max_in_cpu})")
+
+    def _check_free_space(self, directory: ParamSwapDirectory, needed: int) -> None:
+        """Refuse (on every rank) when the ranks sharing this rank's disk need more than is free."""
+        disk = (socket.gethostname(), os.stat(directory.path).st_dev)
+        if self.world_size > 1:
+            everyone = [None] * self.world_size
+            dist.all_gather_object(everyone, (disk, needed), group=self.dp_group)
+        else:
+            everyone = [(disk, needed)]
+        sharing = [n for d, n in everyone if d == disk]
+        total, free = sum(sharing), directory.free_bytes()
+        error = None
+        if total > free:
+            ranks = f"the {len(sharing)} ranks on this disk" if len(sharing) > 1 else "this rank"
+            error = (f"the parameter swap files of {ranks} need {total / 2**20:.1f} MiB under {directory.path}, "
+                     f"only {free / 2**20:.1f} MiB are free")
+        self._agree(error, "checking free space for the parameter swap files")
 
     @torch.no_grad()
     def _move_shards_out(self) -> None:
