@@ -216,3 +216,32 @@ def test_offload_param_nvme_with_max_in_cpu_keeps_some_groups_in_host_memory(tmp
     results = run_distributed(_parity, 2, args=(2, "nvme", str(tmp_path), "fp32", None),
                               kwargs=dict(max_in_cpu=3000, buffer_count=1, pin_memory=True))
     _check(results, "nvme", "fp32", mixed=True)
+
+
+# --- other writers of shards: safe_set_full_fp32_param, GatheredParameters, load_state_dict --------
+def _writers(world, nvme_path):
+    import deepscale.zero
+    from deepscale.utils import safe_set_full_fp32_param
+    from _zero3_models import make_gpt
+    zero = dict(STAGE3_SMALL, offload_param=offload_section("nvme", os.path.join(nvme_path, "swap")))
+    engine = build_gpt_engine(3, world, **zero)
+    train_gpt(engine, world, range(1))
+    model = engine.module
+    safe_set_full_fp32_param(model.blocks[0].fc.weight, torch.full((64, 16), 0.25))
+    with deepscale.zero.GatheredParameters(model.blocks[1].out.weight, modifier_rank=0):
+        model.blocks[1].out.weight.data.fill_(-0.5)
+    fresh = make_gpt(seed=3).state_dict()
+    model.load_state_dict({"blocks.0.attn.qkv.weight": fresh["blocks.0.attn.qkv.weight"]}, strict=False)
+    engine.empty_partition_cache()
+    got = full_params(engine)
+    losses = train_gpt(engine, world, range(1, 3))  # trains on from the written values
+    engine.destroy()
+    return got, fresh["blocks.0.attn.qkv.weight"], losses
+
+
+def test_writers_of_shards_store_them_back_with_params_on_nvme(tmp_path):
+    for got, qkv, losses in run_distributed(_writers, 2, args=(2, str(tmp_path))):
+        assert torch.equal(got["blocks.0.fc.weight"], torch.full((64, 16), 0.25))
+        assert torch.equal(got["blocks.1.out.weight"], torch.full_like(got["blocks.1.out.weight"], -0.5))
+        assert torch.equal(got["blocks.0.attn.qkv.weight"], qkv)
+        assert all(torch.isfinite(torch.tensor(losses)))
