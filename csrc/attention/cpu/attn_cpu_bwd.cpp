@@ -74,11 +74,6 @@ void load_query_block(const Problem& p, const void* q, const void* out, const vo
     std::fill(w.dq.begin(), w.dq.end(), 0.0f);
 }
 
-void transpose_block(const float* src, int rows, float* dst) {  // [rows][kBlockK] -> [kBlockK][kBlockQ]
-    for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < kBlockK; ++c) dst[c * kBlockQ + r] = src[r * kBlockK + c];
-}
-
 // One (query block, key block) step; j0 is the first key, n the number of real keys.
 void step(const Problem& p, BwdScratch& w, int rows, int64_t i0, int64_t j0, int n, int64_t off) {
     const int d = static_cast<int>(p.head_dim), skp = static_cast<int>(w.skp);
@@ -99,14 +94,15 @@ void step(const Problem& p, BwdScratch& w, int rows, int64_t i0, int64_t j0, int
             }
             storeu(row + c, exp2v(x - l2));
         }
-        for (int c = 0; c < kBlockK; ++c)
-            if (c >= n || (!full && !visible(p, i0 + r, j0 + c, off))) row[c] = 0.0f;
+        if (!full)
+            for (int c = 0; c < n; ++c)
+                if (!visible(p, i0 + r, j0 + c, off)) row[c] = 0.0f;
+        std::fill(row + n, row + kBlockK, 0.0f);
     }
-    // dV += P^T dO
-    transpose_block(s, rows, w.pt.data());
-    gemm_acc(kBlockK, d, rows, w.pt.data(), kBlockQ, w.dout.data(), d, w.dv.data() + j0 * d, d);
+    // dV += P^T dO (P read transposed in place)
+    gemm_acc<true>(kBlockK, d, rows, s, kBlockK, w.dout.data(), d, w.dv.data() + j0 * d, d);
     // dP = dO V^T, then dS = P (dP - delta) (times the tanh derivative under softcap), kept in t.
-    float* dp = w.pt.data();  // P^T is consumed; reuse as [rows][kBlockK]
+    float* dp = w.pt.data();
     std::fill(dp, dp + rows * kBlockK, 0.0f);
     gemm_acc(rows, kBlockK, d, w.dout.data(), d, w.vt.data() + j0, skp, dp, kBlockK);
     for (int r = 0; r < rows; ++r) {
@@ -122,8 +118,7 @@ void step(const Problem& p, BwdScratch& w, int rows, int64_t i0, int64_t j0, int
     }
     // dQ += dS K ; dK += dS^T Q
     gemm_acc(rows, d, kBlockK, t, kBlockK, w.kr.data() + j0 * d, d, w.dq.data(), d);
-    transpose_block(t, rows, w.pt.data());
-    gemm_acc(kBlockK, d, rows, w.pt.data(), kBlockQ, w.qs.data(), d, w.dk.data() + j0 * d, d);
+    gemm_acc<true>(kBlockK, d, rows, t, kBlockK, w.qs.data(), d, w.dk.data() + j0 * d, d);
 }
 
 struct Grads {

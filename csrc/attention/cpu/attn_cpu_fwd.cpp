@@ -1,9 +1,11 @@
 // Forward pass of the CPU attention kernel (see attn_cpu.h for layout and algorithm).
 //
 // Work items are (sequence, query head, query block), taken dynamically by the threads,
-// longest (latest) blocks first so a causal batch ends evenly. Per block: pack q (scaled) once,
-// then for each key block pack k transposed and v as fp32, S = Q K^T, cap and mask, update the
-// running max/sum, O = O * alpha + P V. Everything a thread touches fits in L2.
+// longest (latest) blocks first so a causal batch ends evenly. Per block: q is transposed and
+// scaled once; per key block the scores are computed transposed, S^T = K Q^T, so that k and v
+// are read as they lie (fp32) or converted row by row (bf16/fp16), never transposed, and the
+// softmax statistics of 16 queries sit in one vector (no horizontal reductions). Then
+// O = O * alpha + P V with P^T read transposed. Everything a thread touches fits in L2.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -22,79 +24,56 @@ struct Item {
 };
 
 struct FwdScratch {
-    std::vector<float> qs, o, kt, vb, s, m, l;
+    std::vector<float> qt, o, kb, vb, st, m, l, alpha;
     explicit FwdScratch(int64_t d)
-        : qs(kBlockQ * d), o(kBlockQ * d), kt(d * kBlockK), vb(kBlockK * d), s(kBlockQ * kBlockK), m(kBlockQ),
-          l(kBlockQ) {}
+        : qt(d * kBlockQ), o(kBlockQ * d), kb(kBlockK * d), vb(kBlockK * d), st(kBlockK * kBlockQ), m(kBlockQ),
+          l(kBlockQ), alpha(kBlockQ) {}
 };
 
-// Scores of one (query block, key block) pair in log2 units: capped, masked; padding is -inf.
-void scores_block(const Problem& p, FwdScratch& w, int rows, int64_t i0, int64_t j0, int n, int64_t off) {
-    float* s = w.s.data();
-    std::fill(s, s + rows * kBlockK, 0.0f);
-    gemm_acc(rows, kBlockK, static_cast<int>(p.head_dim), w.qs.data(), static_cast<int>(p.head_dim), w.kt.data(),
-             kBlockK, s, kBlockK);
+// Rows [tok0, tok0 + n) of one head of k or v as fp32 [n][d]: the tensor itself when it is
+// fp32 (leading dimension = its row stride), else converted into `buf`.
+const float* key_rows(const Problem& p, const void* base, int64_t stride, int64_t tok0, int64_t head, int n,
+                      float* buf, int* ld) {
+    const int64_t d = p.head_dim;
+    if (p.dtype == 0) {
+        *ld = static_cast<int>(stride);
+        return static_cast<const float*>(base) + tok0 * stride + head * d;
+    }
+    for (int c = 0; c < n; ++c) load_row(base, (tok0 + c) * stride + head * d, static_cast<int>(d), p.dtype, buf + c * d);
+    *ld = static_cast<int>(d);
+    return buf;
+}
+
+// S^T [n][kBlockQ] of one key block in log2 units (capped, masked), then the online softmax
+// update: per query column the running max m and sum l; S^T becomes P^T, alpha the O factor.
+void scores_and_softmax(const Problem& p, FwdScratch& w, int rows, int64_t i0, int64_t j0, int n, int64_t off) {
+    float* st = w.st.data();
     const float ninf = -std::numeric_limits<float>::infinity();
     if (p.softcap > 0.0f) {
-        const float cap = p.cap_log2();
-        for (int r = 0; r < rows; ++r)
-            for (int c = 0; c < kBlockK; c += kW) storeu(s + r * kBlockK + c, tanhv(loadu(s + r * kBlockK + c)) * cap);
+        const vf cap = splat(p.cap_log2());
+        for (int j = 0; j < n; ++j)
+            for (int c = 0; c < kBlockQ; c += kW) storeu(st + j * kBlockQ + c, tanhv(loadu(st + j * kBlockQ + c)) * cap);
     }
-    const bool full = block_unmasked(p, i0, i0 + rows, j0, j0 + n, off);
-    for (int r = 0; r < rows; ++r) {
-        float* row = s + r * kBlockK;
-        if (!full)
-            for (int c = 0; c < n; ++c)
-                if (!visible(p, i0 + r, j0 + c, off)) row[c] = ninf;
-        for (int c = n; c < kBlockK; ++c) row[c] = ninf;
-    }
-}
-
-// Online softmax update of rows with the block's scores; O *= alpha, S becomes P.
-void softmax_update(FwdScratch& w, int rows, int64_t d) {
-    const float ninf = -std::numeric_limits<float>::infinity();
-    for (int r = 0; r < rows; ++r) {
-        float* row = w.s.data() + r * kBlockK;
-        vf mv = loadu(row);
-        for (int c = kW; c < kBlockK; c += kW) {
-            vf x = loadu(row + c);
-            mv = x > mv ? x : mv;
+    if (!block_unmasked(p, i0, i0 + rows, j0, j0 + n, off))
+        for (int j = 0; j < n; ++j)
+            for (int r = 0; r < rows; ++r)
+                if (!visible(p, i0 + r, j0 + j, off)) st[j * kBlockQ + r] = ninf;
+    for (int c = 0; c < kBlockQ; c += kW) {
+        vf mx = loadu(w.m.data() + c);
+        for (int j = 0; j < n; ++j) {
+            vf x = loadu(st + j * kBlockQ + c);
+            mx = x > mx ? x : mx;
         }
-        const float m_new = std::max(w.m[r], hmax(mv));
-        if (m_new == ninf) {  // nothing visible yet in this row
-            std::fill(row, row + kBlockK, 0.0f);
-            continue;
-        }
-        const float alpha = std::exp2(w.m[r] - m_new);  // 0 on the first visible block
+        const vf m_old = loadu(w.m.data() + c);
+        storeu(w.alpha.data() + c, exp2v(m_old - mx));  // 0 while nothing was visible (NaN maps to 0)
         vf sum = splat(0.0f);
-        const vf mnv = splat(m_new);
-        for (int c = 0; c < kBlockK; c += kW) {
-            vf e = exp2v(loadu(row + c) - mnv);
-            storeu(row + c, e);
+        for (int j = 0; j < n; ++j) {
+            vf e = exp2v(loadu(st + j * kBlockQ + c) - mx);
+            storeu(st + j * kBlockQ + c, e);
             sum += e;
         }
-        w.l[r] = w.l[r] * alpha + hsum(sum);
-        w.m[r] = m_new;
-        if (alpha != 1.0f) {
-            float* o = w.o.data() + r * d;
-            const vf av = splat(alpha);
-            for (int c = 0; c < d; c += kW) storeu(o + c, loadu(o + c) * av);
-        }
-    }
-}
-
-void pack_keys(const Problem& p, const void* k, const void* v, int64_t tok0, int64_t kvh, int n, FwdScratch& w) {
-    const int64_t d = p.head_dim;
-    std::vector<float>& kt = w.kt;
-    float row[kMaxHeadDim];
-    for (int c = 0; c < n; ++c) {
-        load_row(k, (tok0 + c) * p.k_stride + kvh * d, static_cast<int>(d), p.dtype, row);
-        for (int64_t x = 0; x < d; ++x) kt[x * kBlockK + c] = row[x];
-        load_row(v, (tok0 + c) * p.v_stride + kvh * d, static_cast<int>(d), p.dtype, w.vb.data() + c * d);
-    }
-    for (int c = n; c < kBlockK; ++c) {
-        for (int64_t x = 0; x < d; ++x) kt[x * kBlockK + c] = 0.0f;
-        std::fill(w.vb.data() + c * d, w.vb.data() + (c + 1) * d, 0.0f);
+        storeu(w.l.data() + c, loadu(w.l.data() + c) * loadu(w.alpha.data() + c) + sum);
+        storeu(w.m.data() + c, mx);
     }
 }
 
@@ -106,10 +85,11 @@ void run_block(const Problem& p, const Item& it, const void* q, const void* k, c
     const int rows = static_cast<int>(std::min<int64_t>(kBlockQ, sq - it.i0));
     const int64_t kvh = it.h / p.group(), off = sk - sq;
     const float qf = p.q_factor();
-    for (int r = 0; r < rows; ++r) {
-        float* dst = w.qs.data() + r * d;
-        load_row(q, (q0 + it.i0 + r) * p.q_stride + it.h * d, static_cast<int>(d), p.dtype, dst);
-        for (int64_t x = 0; x < d; ++x) dst[x] *= qf;
+    float row[kMaxHeadDim];
+    std::fill(w.qt.begin(), w.qt.end(), 0.0f);
+    for (int r = 0; r < rows; ++r) {  // q^T [d][kBlockQ], scaled; it is reused by every key block
+        load_row(q, (q0 + it.i0 + r) * p.q_stride + it.h * d, static_cast<int>(d), p.dtype, row);
+        for (int64_t x = 0; x < d; ++x) w.qt[x * kBlockQ + r] = row[x] * qf;
     }
     std::fill(w.o.begin(), w.o.end(), 0.0f);
     std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
@@ -118,11 +98,20 @@ void run_block(const Problem& p, const Item& it, const void* q, const void* k, c
     key_range(p, it.i0, it.i0 + rows, sq, sk, &lo, &hi);
     for (int64_t j0 = lo; j0 < hi; j0 += kBlockK) {
         const int n = static_cast<int>(std::min<int64_t>(kBlockK, hi - j0));
-        pack_keys(p, k, v, k0 + j0, kvh, n, w);
-        scores_block(p, w, rows, it.i0, j0, n, off);
-        softmax_update(w, rows, d);
-        gemm_acc(rows, static_cast<int>(d), kBlockK, w.s.data(), kBlockK, w.vb.data(), static_cast<int>(d),
-                 w.o.data(), static_cast<int>(d));
+        int ldk, ldv;
+        const float* kb = key_rows(p, k, p.k_stride, k0 + j0, kvh, n, w.kb.data(), &ldk);
+        std::fill(w.st.begin(), w.st.begin() + n * kBlockQ, 0.0f);
+        gemm_acc(n, kBlockQ, static_cast<int>(d), kb, ldk, w.qt.data(), kBlockQ, w.st.data(), kBlockQ);
+        scores_and_softmax(p, w, rows, it.i0, j0, n, off);
+        for (int r = 0; r < rows; ++r) {
+            const float a = w.alpha[r];
+            if (a == 1.0f) continue;
+            float* o = w.o.data() + r * d;
+            const vf av = splat(a);
+            for (int c = 0; c < d; c += kW) storeu(o + c, loadu(o + c) * av);
+        }
+        const float* vb = key_rows(p, v, p.v_stride, k0 + j0, kvh, n, w.vb.data(), &ldv);
+        gemm_acc<true>(rows, static_cast<int>(d), n, w.st.data(), kBlockQ, vb, ldv, w.o.data(), static_cast<int>(d));
     }
     for (int r = 0; r < rows; ++r) {
         const bool any = w.l[r] > 0.0f;

@@ -23,7 +23,8 @@ typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t))));
 
 inline vf loadu(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
 inline void storeu(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
-inline vf splat(float x) { return vf{} + x; }
+inline vf splat(float x) { return vf{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+static_assert(kW == 16, "splat lists kW lanes");
 
 inline float hsum(vf v) {
     float s = 0.0f;
@@ -73,14 +74,15 @@ inline vf tanhv(vf x) {
     return x < 0 ? -t : t;
 }
 
-// ---- C[M x N] += A[M x K] * B[K x N], row-major with leading dimensions; N % kW == 0 ----------
+// ---- small GEMM: row-major with leading dimensions; N % kW == 0 ------------------------------
 #if defined(__DEEPSCALE_SIMD_AVX512__)
-constexpr int kMR = 4, kNV = 4;  // 16 zmm accumulators
+constexpr int kMR = 6, kNV = 4;  // 24 zmm accumulators, 4 B vectors, 1 broadcast
 #else
 constexpr int kMR = 4, kNV = 1;  // AVX2 and others: a 16-float vector is two or more registers
 #endif
 
-template <int MR, int NV>
+// TA: A is stored transposed (element (r, k) at A[k * lda + r]).
+template <int MR, int NV, bool TA>
 inline void micro_kernel(int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
     vf acc[MR][NV];
 #pragma GCC unroll 8
@@ -93,7 +95,7 @@ inline void micro_kernel(int K, const float* A, int lda, const float* B, int ldb
         for (int v = 0; v < NV; ++v) b[v] = loadu(B + static_cast<int64_t>(k) * ldb + v * kW);
 #pragma GCC unroll 8
         for (int r = 0; r < MR; ++r) {
-            const vf a = splat(A[r * lda + k]);
+            const vf a = splat(TA ? A[static_cast<int64_t>(k) * lda + r] : A[static_cast<int64_t>(r) * lda + k]);
 #pragma GCC unroll 8
             for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
         }
@@ -104,31 +106,35 @@ inline void micro_kernel(int K, const float* A, int lda, const float* B, int ldb
         for (int v = 0; v < NV; ++v) storeu(C + r * ldc + v * kW, acc[r][v]);
 }
 
-template <int NV>
+template <int NV, bool TA>
 inline void micro_rows(int mr, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
     switch (mr) {
-        case 4: micro_kernel<4, NV>(K, A, lda, B, ldb, C, ldc); break;
-        case 3: micro_kernel<3, NV>(K, A, lda, B, ldb, C, ldc); break;
-        case 2: micro_kernel<2, NV>(K, A, lda, B, ldb, C, ldc); break;
-        default: micro_kernel<1, NV>(K, A, lda, B, ldb, C, ldc); break;
+        case 6: micro_kernel<6, NV, TA>(K, A, lda, B, ldb, C, ldc); break;
+        case 5: micro_kernel<5, NV, TA>(K, A, lda, B, ldb, C, ldc); break;
+        case 4: micro_kernel<4, NV, TA>(K, A, lda, B, ldb, C, ldc); break;
+        case 3: micro_kernel<3, NV, TA>(K, A, lda, B, ldb, C, ldc); break;
+        case 2: micro_kernel<2, NV, TA>(K, A, lda, B, ldb, C, ldc); break;
+        default: micro_kernel<1, NV, TA>(K, A, lda, B, ldb, C, ldc); break;
     }
 }
 
+// C[M x N] += op(A)[M x K] * B[K x N]; op(A) = A, or A^T stored [K][M] when TA.
+template <bool TA = false>
 inline void gemm_acc(int M, int N, int K, const float* A, int lda, const float* B, int ldb, float* C, int ldc) {
     for (int n0 = 0; n0 < N; n0 += kNV * kW) {
         const int nv = std::min(kNV, (N - n0) / kW);
         for (int m0 = 0; m0 < M; m0 += kMR) {
             const int mr = std::min(kMR, M - m0);
-            const float* a = A + m0 * lda;
+            const float* a = TA ? A + m0 : A + static_cast<int64_t>(m0) * lda;
             const float* b = B + n0;
-            float* c = C + m0 * ldc + n0;
+            float* c = C + static_cast<int64_t>(m0) * ldc + n0;
             switch (nv) {
 #if defined(__DEEPSCALE_SIMD_AVX512__)
-                case 4: micro_rows<4>(mr, K, a, lda, b, ldb, c, ldc); break;
-                case 3: micro_rows<3>(mr, K, a, lda, b, ldb, c, ldc); break;
-                case 2: micro_rows<2>(mr, K, a, lda, b, ldb, c, ldc); break;
+                case 4: micro_rows<4, TA>(mr, K, a, lda, b, ldb, c, ldc); break;
+                case 3: micro_rows<3, TA>(mr, K, a, lda, b, ldb, c, ldc); break;
+                case 2: micro_rows<2, TA>(mr, K, a, lda, b, ldb, c, ldc); break;
 #endif
-                default: micro_rows<1>(mr, K, a, lda, b, ldb, c, ldc); break;
+                default: micro_rows<1, TA>(mr, K, a, lda, b, ldb, c, ldc); break;
             }
         }
     }
