@@ -8,6 +8,7 @@ the longest sequence. Prints a table and, last, one JSON line.
 
     python benchmarks/bench_attention.py                      # B=1 H=8 S=4096 D=128, fp32+bf16, 1 and 2 threads
     python benchmarks/bench_attention.py --seq 1024 --repeats 2 --no-naive   # quick
+    python benchmarks/bench_attention.py --numerics   # each backend's error vs a float64 reference
 """
 import argparse
 import json
@@ -119,6 +120,34 @@ def bench_varlen(args, threads):
             "real_over_padded_tokens": round(total / padded_tokens, 3), "vs_sdpa_padded_token_rate": round(ratio, 2)}
 
 
+def numerics(args):
+    """Max abs error of each CPU backend against the float64 reference, per dtype (out and dq/dk/dv)."""
+    from deepscale.ops.attention import build_spec, reference_attention
+    from deepscale.ops.attention.sdpa_backend import sdpa_attention
+    gen = torch.Generator().manual_seed(3)
+    shape = (2, 512, 4, 128)
+    base = [torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    rows = []
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        rounded = [t.to(dtype) for t in base]
+        ref_in = [t.double().requires_grad_() for t in rounded]
+        spec = build_spec(*ref_in, causal=True)
+        ref_out = reference_attention(*ref_in, spec)
+        ref = [ref_out] + list(torch.autograd.grad(ref_out, ref_in, grad))
+        backends = {"cpu_attention": lambda a, b, c: attention(a, b, c, causal=True),
+                    "sdpa": lambda a, b, c: sdpa_attention(a, b, c, build_spec(a, b, c, causal=True)),
+                    "reference": lambda a, b, c: reference_attention(a, b, c, build_spec(a, b, c, causal=True))}
+        for name, fn in backends.items():
+            ins = [t.clone().requires_grad_() for t in rounded]
+            out = fn(*ins)
+            got = [out] + list(torch.autograd.grad(out, ins, grad.to(dtype)))
+            errs = [(a.double() - b).abs().max().item() for a, b in zip(got, ref)]
+            rows.append({"backend": name, "dtype": dtype_name,
+                         **{f"err_{n}": float(f"{e:.2e}") for n, e in zip(("out", "dq", "dk", "dv"), errs)}})
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
@@ -130,7 +159,15 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-naive", dest="naive", action="store_false", help="skip the materialised baseline")
     parser.add_argument("--varlen-lengths", default="256,512,1024,2048,4096", help="'' to skip the varlen row")
+    parser.add_argument("--numerics", action="store_true",
+                        help="only print each backend's error against a float64 reference (B2 S512 H4 D128 causal)")
     args = parser.parse_args(argv)
+    if args.numerics:
+        rows = numerics(args)
+        for row in rows:
+            print("  ".join(f"{key}={val}" for key, val in row.items()))
+        print(json.dumps({"bench": "attention_numerics", "rows": rows}))
+        return
     threads = [int(t) for t in args.threads.split(",")]
     rows = [bench_dense(args, d, t) for d in args.dtypes.split(",") for t in threads]
     if args.varlen_lengths:
