@@ -395,6 +395,8 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         """Remove the engine's hooks from the model, free its buffers and close the monitors."""
         self._train_opt.destroy()
         self._reporter.close()
+        if self._flops is not None:
+            self._flops.close()
 
 
 DeepSpeedEngine = Engine  # DeepSpeed's name: `deepspeed.runtime.engine.DeepSpeedEngine` type checks

@@ -71,7 +71,7 @@ def _rate_lines(prof) -> List[Tuple[str, str]]:
         return lines
     fwd, bwd, opt = step["forward"], step["backward"], step["step"]
     iteration = fwd + bwd + opt
-    lines = [("fwd latency:", duration_to_string(fwd)), ("bwd latency:", duration_to_string(bwd)),
+    lines = [("latencies measured at:", step.get("latency_source", "the profiled step")),("fwd latency:", duration_to_string(fwd)), ("bwd latency:", duration_to_string(bwd)),
              ("step latency:", duration_to_string(opt)), ("iter latency:", duration_to_string(iteration))]
     if fwd:
         lines.append(("fwd FLOPS per GPU:", flops_to_string(fwd_flops / fwd)))

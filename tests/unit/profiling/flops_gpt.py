@@ -81,6 +81,9 @@ def analytic_flops(vocab, d_model, num_layers, seq, batch, **_) -> dict:
     Each weight costs 2 flops per token in forward and 4 in backward (6 x params x tokens);
     attention adds QK^T and AV, 2 x 2 x batch x seq^2 x d per layer forward (causal masking
     is not subtracted, as in torch.utils.flop_counter), x3 for a training step.
+    ``train_fused_attention``: with a fused (flash) attention kernel, whose backward recomputes
+    QK^T; torch.utils.flop_counter's formula counts that matmul too, so attention costs 3.5x
+    its forward in a training step instead of 3x.
     """
     tokens = batch * seq
     matmul_params = num_layers * 12 * d_model ** 2 + vocab * d_model
@@ -88,6 +91,7 @@ def analytic_flops(vocab, d_model, num_layers, seq, batch, **_) -> dict:
     block_fwd = num_layers * (2 * 12 * d_model ** 2 * tokens) + attention_fwd
     forward = 2 * matmul_params * tokens + attention_fwd
     return {"forward": forward, "train": 6 * matmul_params * tokens + 3 * attention_fwd,
+            "train_fused_attention": 6 * matmul_params * tokens + 3.5 * attention_fwd,
             "block_forward": block_fwd, "matmul_params": matmul_params}
 
 

@@ -86,6 +86,7 @@ def test_engine_profile_step_matches_analytic_and_flop_counter_mode(tmp_path, st
     assert all(r["hooks_restored"] and r["dispatch_stack"] == 0 for r in results)
     text = (tmp_path / f"profile_{stage}_{checkpoint}.txt").read_text()
     assert "Profile summary at step 1" in text and "data parallel size:" in text and "iter latency:" in text
+    assert "latencies measured at:" in text and "step 2, not profiled" in text
 
 
 def test_engine_profile_sums_the_micro_batches_of_the_step(tmp_path):
@@ -116,3 +117,22 @@ def test_engine_reports_mfu_against_a_given_peak(tmp_path, monkeypatch):
     text = (tmp_path / "p.txt").read_text()
     assert "MFU (peak 500 GFLOPS)" in text and "Profile summary at step 2" in text and "detailed" not in text
     engine.destroy()
+
+
+def test_engine_reports_at_destroy_when_training_stops_after_the_profiled_step(tmp_path, capsys):
+    import deepscale
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+    cfg = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 1000,
+           "optimizer": {"type": "SGD", "params": {"lr": 0.01}}, "flops_profiler": {"enabled": True, "profile_step": 1}}
+    engine, _, _, _ = deepscale.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+    for _ in range(2):
+        engine.backward(engine(torch.randn(2, 8)).sum())
+        engine.step()
+    assert engine._flops.last_profile is None  # step 1 counted; its timing step (2) has not run
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()] == hooks
+    engine.destroy()
+    assert "while profiled" in engine._flops.last_profile["latency_source"]
+    out = capsys.readouterr().out
+    assert "Profile summary at step 1" in out and "while profiled (includes the profiler's cost" in out
