@@ -65,8 +65,9 @@ def _timed_step(model, ids, labels):
     return time.perf_counter() - start
 
 
-def _overhead(args, start, stop):
-    """Median step seconds unprofiled and profiled (start/stop around the step), interleaved."""
+def _overhead(args, profiler_class):
+    """Median step seconds unprofiled and profiled (start/end_profile around the step), interleaved.
+    Both profilers share DeepSpeed's API, so ``profiler_class`` is either one."""
     from flops_gpt import batch_of
     model = _model(args, "manual", "none")
     ids, labels = batch_of(args.vocab, args.seq, args.batch)
@@ -75,9 +76,10 @@ def _overhead(args, start, stop):
     for _ in range(args.rounds):
         plain.append(_timed_step(model, ids, labels))
         t0 = time.perf_counter()
-        prof = start(model)
+        prof = profiler_class(model)
+        prof.start_profile()
         _timed_step(model, ids, labels)
-        stop(prof)
+        prof.end_profile()
         profiled.append(time.perf_counter() - t0)
     return median(plain), median(profiled)
 
@@ -104,12 +106,7 @@ def deepspeed_counts(args):
             prof.end_profile()
             rows[f"{impl}/{checkpoint}"] = {"fwd": fwd, "fwd_through_backward": through_backward}
 
-    def start(model):
-        prof = FlopsProfiler(model)
-        prof.start_profile()
-        return prof
-
-    plain, profiled = _overhead(args, start, lambda prof: prof.end_profile())
+    plain, profiled = _overhead(args, FlopsProfiler)
     return {"version": deepspeed.__version__, "rows": rows, "step_s": plain, "profiled_step_s": profiled}
 
 
@@ -137,12 +134,7 @@ def deepscale_counts(args):
                 "flop_counter_mode": reference.get_total_flops(), "params": prof.get_total_params()}
             prof.end_profile()
 
-    def start(model):
-        prof = FlopsProfiler(model)
-        prof.start_profile()
-        return prof
-
-    plain, profiled = _overhead(args, start, lambda prof: prof.end_profile())
+    plain, profiled = _overhead(args, FlopsProfiler)
     return {"rows": rows, "step_s": plain, "profiled_step_s": profiled}
 
 
