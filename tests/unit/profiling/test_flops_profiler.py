@@ -245,3 +245,17 @@ def test_unit_strings():
     assert number_to_string(1234, units="K") == "1.23 K"
     assert params_to_string(1.3e9) == "1.3 B" and macs_to_string(2e6) == "2 MMACs"
     assert flops_to_string(3e12) == "3 TFLOPS" and duration_to_string(0.0125) == "12.5 ms"
+
+
+def test_hugging_face_gpt2_matches_the_analytic_forward():
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+    vocab, d, layers, batch, seq = 1000, 128, 2, 2, 32
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=64, n_embd=d, n_layer=layers, n_head=4,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg)  # Conv1D (addmm) layers, SDPA attention, head tied to wte
+    ids = torch.randint(0, vocab, (batch, seq))
+    flops, macs, params = get_model_profile(model, kwargs={"input_ids": ids}, print_profile=False, as_string=False)
+    tokens = batch * seq
+    assert 2 * macs == 2 * tokens * (layers * 12 * d * d + vocab * d) + layers * 4 * batch * seq * seq * d
+    assert params == sum(p.numel() for p in model.parameters()) and model.lm_head.weight is model.transformer.wte.weight
+    assert flops == pytest.approx(2 * macs, rel=0.03)
