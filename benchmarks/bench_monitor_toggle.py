@@ -16,13 +16,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_monitor  # noqa: E402
-from benchmarks._bench_common import free_port, median  # noqa: E402
+from benchmarks._bench_common import median, spawn_and_collect  # noqa: E402
 
 VARIANTS = ("on", "off", "off_again")
 
@@ -73,13 +72,7 @@ def _worker(rank, args, port, out_dir, result_path):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        result_path = os.path.join(out_dir, "result.json")
-        mp.spawn(_worker, args=(args, free_port(), out_dir, result_path), nprocs=args.nproc, join=True)
-        with open(result_path) as handle:
-            result = json.load(handle)
+    result = spawn_and_collect(_worker, args.nproc, args)
     times = result["times"]
     base = median(times["off"])
     summary = {}
