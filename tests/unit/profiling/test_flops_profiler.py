@@ -259,3 +259,20 @@ def test_hugging_face_gpt2_matches_the_analytic_forward():
     assert 2 * macs == 2 * tokens * (layers * 12 * d * d + vocab * d) + layers * 4 * batch * seq * seq * d
     assert params == sum(p.numel() for p in model.parameters()) and model.lm_head.weight is model.transformer.wte.weight
     assert flops == pytest.approx(2 * macs, rel=0.03)
+
+
+def test_peak_flops_table_and_override(monkeypatch):
+    from deepscale.profiling.flops_profiler.peak import PEAK_TFLOPS_ENV, peak_flops
+
+    monkeypatch.delenv(PEAK_TFLOPS_ENV, raising=False)
+    assert peak_flops("NVIDIA H100 80GB HBM3", torch.bfloat16) == pytest.approx(989.4e12)
+    assert peak_flops("NVIDIA H100 PCIe", torch.float16) == pytest.approx(756e12)
+    assert peak_flops("NVIDIA A100-SXM4-80GB", torch.bfloat16) == pytest.approx(312e12)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert peak_flops("NVIDIA A100-SXM4-80GB", torch.float32) == pytest.approx(19.5e12)
+    assert peak_flops(None, torch.bfloat16) is None and peak_flops("Some Future GPU", torch.bfloat16) is None
+    monkeypatch.setenv(PEAK_TFLOPS_ENV, "2.5")
+    assert peak_flops(None, torch.float32) == pytest.approx(2.5e12)
+    monkeypatch.setenv(PEAK_TFLOPS_ENV, "fast")
+    with pytest.raises(ValueError, match=PEAK_TFLOPS_ENV):
+        peak_flops(None, torch.float32)
