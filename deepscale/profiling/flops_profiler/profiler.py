@@ -170,8 +170,12 @@ class FlopsProfiler:
         self._phase_macs[phase] += macs
         self._op_flops[(phase, str(func._overloadpacket).split(".")[-1])] += flops
         if phase == FORWARD and self._stack:
-            self._module_flops[self._stack[-1]] += flops
-            self._module_macs[self._stack[-1]] += macs
+            module = self._stack[-1]
+            self._module_flops[module] += flops
+            self._module_macs[module] += macs
+            # Live DeepSpeed-style attributes (written straight into __dict__: no Module.__setattr__).
+            module.__dict__["__flops__"] = self._module_flops[module]
+            module.__dict__["__macs__"] = self._module_macs[module]
 
     def _pre_forward(self, module, inputs) -> None:
         self._stack.append(module)
@@ -188,6 +192,7 @@ class FlopsProfiler:
         if start is not None:
             self._synchronize()
             self._module_duration[module] += time.perf_counter() - start
+            module.__dict__["__duration__"] = self._module_duration[module]
 
     def _write_module_attrs(self) -> None:
         for module in self.model.modules():
@@ -260,10 +265,7 @@ class FlopsProfiler:
 
     def module_duration(self, module: torch.nn.Module) -> float:
         """Forward seconds of ``module``; a container never called itself (ModuleList) sums its children."""
-        duration = self._module_duration.get(module, 0.0)
-        if duration == 0.0:
-            duration = sum(self.module_duration(child) for child in module.children())
-        return duration
+        return _duration(module, lambda m: self._module_duration.get(m, 0.0))
 
     # --- printing -------------------------------------------------------------------------
     def print_model_profile(self, profile_step: int = 1, module_depth: int = -1, top_modules: int = 1,
@@ -291,3 +293,26 @@ class FlopsProfiler:
             return
         from deepscale.profiling.flops_profiler.report import format_aggregated_profile
         print(format_aggregated_profile(self, module_depth, top_modules))
+
+
+# DeepSpeed's module-level readers of the attributes a running or stopped profile leaves on modules.
+def get_module_flops(module: torch.nn.Module) -> int:
+    """Forward FLOPs of ``module`` and its children from their ``__flops__`` attributes."""
+    return sum(getattr(m, "__flops__", 0) for m in module.modules())
+
+
+def get_module_macs(module: torch.nn.Module) -> int:
+    """Forward MACs of ``module`` and its children from their ``__macs__`` attributes."""
+    return sum(getattr(m, "__macs__", 0) for m in module.modules())
+
+
+def get_module_duration(module: torch.nn.Module) -> float:
+    """Forward seconds of ``module`` (``__duration__``); a container never called itself sums its children."""
+    return _duration(module, lambda m: getattr(m, "__duration__", 0.0))
+
+
+def _duration(module: torch.nn.Module, own) -> float:
+    duration = own(module)
+    if duration == 0.0:
+        duration = sum(_duration(child, own) for child in module.children())
+    return duration

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 import pytest
 from torch.utils.flop_counter import FlopCounterMode
 
-from deepscale.profiling.flops_profiler import FlopsProfiler, get_model_profile
+from deepscale.profiling.flops_profiler import (FlopsProfiler, get_model_profile, get_module_duration, get_module_flops,
+                                               get_module_macs)
 from deepscale.profiling.flops_profiler.units import (duration_to_string, flops_to_string, macs_to_string,
                                                       number_to_string, params_to_string)
 
@@ -126,6 +127,9 @@ def test_nothing_stays_installed_after_the_profile():
     prof.start_profile()
     assert torch._C._len_torch_dispatch_stack() == 1
     model(ids, labels).backward()
+    # DeepSpeed's attributes are live while profiling, and its readers see them.
+    assert get_module_flops(model.blocks[0]) == prof.module_flops(model.blocks[0]) > 0
+    assert get_module_macs(model) == prof.get_total_macs() and get_module_duration(model) > 0
     prof.stop_profile()
     assert torch._C._len_torch_dispatch_stack() == 0
     assert model.blocks[0].__flops__ > 0 and model.__params__ == prof.get_total_params()
