@@ -15,7 +15,8 @@ Two classes of operators are counted:
   the operator), plus the CPU fused attention kernels that table does not list. One MAC = 2 flops.
 * **other**: normalisation, softmax, activations, element-wise arithmetic and reductions, at the
   per-element costs DeepSpeed's profiler uses in the forward (one flop per output element;
-  layer/batch/group norm 5 with an affine weight, else 4; softmax 1 per element); backward
+  layer/batch/group norm 5 with an affine weight, else 4; softmax 1 per element; pooling 1 per
+  input element; interpolation 1 per output element); backward
   kernels of norms and softmax are counted at twice their forward. These carry no MACs.
 
 Copies, views, masks, comparisons, indexing (embedding lookups) and random numbers are free.
@@ -94,6 +95,11 @@ def _other_formulas() -> Dict[object, Callable]:
         "_softmax_backward_data": _per_input_element(2), "_log_softmax_backward_data": _per_input_element(2),
         "sum": _per_input_element(1), "mean": _per_input_element(1), "var_mean": _per_input_element(2),
         "var": _per_input_element(2), "norm": _per_input_element(2), "linalg_vector_norm": _per_input_element(2),
+        # Pooling: one per input element (DeepSpeed's convention).
+        **{name: _per_input_element(1) for name in (
+            "max_pool1d", "max_pool2d_with_indices", "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d",
+            "avg_pool3d", "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool2d",
+            "adaptive_max_pool3d")},
     }
     for name, formula in spec.items():
         packet = getattr(_aten, name, None)
@@ -103,6 +109,11 @@ def _other_formulas() -> Dict[object, Callable]:
 
 
 OTHER_FORMULAS = _other_formulas()
+# Interpolation: one per output element.
+_OUTPUT_SIZED = {getattr(_aten, n) for n in ("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
+                                             "upsample_linear1d", "upsample_bilinear2d", "upsample_bicubic2d",
+                                             "upsample_trilinear3d", "_upsample_nearest_exact2d")
+                 if hasattr(_aten, n)}
 # Pointwise-tagged operators that move or select data rather than compute.
 _FREE_POINTWISE = {getattr(_aten, n) for n in ("clone", "where", "masked_fill", "masked_fill_", "lift_fresh_copy",
                                                "copy", "_to_copy", "bernoulli", "bernoulli_", "fill", "fill_",
@@ -131,6 +142,8 @@ def op_flops(func, args, kwargs, out) -> Tuple[int, int, int]:
     formula = OTHER_FORMULAS.get(packet)
     if formula is not None:
         return 0, 0, int(formula(*args, **kwargs))
+    if packet in _OUTPUT_SIZED:
+        return 0, 0, _numel(out)
     if _is_counted_pointwise(func):
         first = out[0] if isinstance(out, (tuple, list)) and out else out
         if isinstance(first, torch.Tensor) and first.is_floating_point():

@@ -186,6 +186,11 @@ def test_operator_formulas():
     assert _forward_flops(lambda t: F.batch_norm(t, torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3)),
                           img) == (5 * n, 0)
     assert _forward_flops(lambda i: F.embedding(i, torch.randn(50, 7)), torch.randint(0, 50, (3, 4))) == (0, 0)
+    assert _forward_flops(lambda t: F.max_pool2d(t, 2), img) == (n, 0)
+    assert _forward_flops(lambda t: F.avg_pool2d(t, 2), img) == (n, 0)
+    assert _forward_flops(lambda t: F.adaptive_avg_pool2d(t, 1), img) == (n, 0)
+    assert _forward_flops(lambda t: F.interpolate(t, scale_factor=2, mode="bilinear"), img) == (4 * n, 0)
+    assert _forward_flops(F.conv_transpose2d, img, torch.randn(3, 6, 3, 3))[1] == 2 * 3 * 10 * 10 * 6 * 3 * 3
     q = torch.randn(2, 4, 16, 8)
     assert _forward_flops(lambda a: F.scaled_dot_product_attention(a, a, a), q)[1] == 2 * 2 * 4 * 16 * 16 * 8
 
