@@ -6,7 +6,9 @@ Every round runs three optimizer steps in a rotating order: ``on`` (monitors wri
 configured), ``off`` (the engine's per-step monitor work switched off, exactly as an engine built
 without monitor sections: no token counting, no loss read-back, no events) and ``off_again``
 (the same as ``off``: its difference to ``off`` is the noise floor). Rank 0's step times are
-paired within each round.
+paired within each round, both wall-clock and the process's CPU time (``time.process_time``:
+all of rank 0's threads, the monitors' writer threads included), which a loaded machine
+inflates far less than wall time.
 
     python benchmarks/bench_monitor_toggle.py --nproc 2 --rounds 150 --warmup 10
 
@@ -49,23 +51,25 @@ def _worker(rank, args, port, out_dir, result_path):
     metrics_on = reporter._metrics  # None on rank 1: it never writes, so its steps are alike anyway
     gen = torch.Generator().manual_seed(rank)
     times = {v: [] for v in VARIANTS}
+    cpu = {v: [] for v in VARIANTS}
     for rnd in range(args.rounds + args.warmup):
         ids = torch.randint(0, model_args.vocab_size, (model_args.micro_bs, model_args.seq_len + 1), generator=gen)
         order = VARIANTS[rnd % 3:] + VARIANTS[:rnd % 3]
         for variant in order:
             reporter._metrics = metrics_on if variant == "on" else None
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             engine.backward(engine(ids))
             engine.step()
-            elapsed = time.perf_counter() - start
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             if rnd >= args.warmup:
                 times[variant].append(elapsed * 1e3)
+                cpu[variant].append(elapsed_cpu * 1e3)
     reporter._metrics = metrics_on
     engine.destroy()
     if rank == 0:
         with open(result_path, "w") as handle:
-            json.dump({"times": times, "writes": metrics_on is not None}, handle)
+            json.dump({"times": times, "cpu": cpu, "writes": metrics_on is not None}, handle)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -73,16 +77,18 @@ def _worker(rank, args, port, out_dir, result_path):
 def main(argv=None):
     args = parse_args(argv)
     result = spawn_and_collect(_worker, args.nproc, args)
-    times = result["times"]
-    base = median(times["off"])
     summary = {}
-    print(f"{'variant':<10}{'median ms':>11}{'paired diff vs off, median':>30}")
-    for variant in VARIANTS:
-        diffs = [a - b for a, b in zip(times[variant], times["off"])]
-        summary[variant] = {"median_ms": median(times[variant]), "paired_diff_ms": median(diffs),
-                            "paired_diff_pct": 100 * median(diffs) / base}
-        print(f"{variant:<10}{summary[variant]['median_ms']:>11.2f}{summary[variant]['paired_diff_ms']:>+21.3f} ms "
-              f"({summary[variant]['paired_diff_pct']:+.2f}%)")
+    print(f"{'clock':<6}{'variant':<10}{'median ms':>11}{'paired diff vs off, median':>30}")
+    for clock in ("times", "cpu"):
+        samples = result[clock]
+        base = median(samples["off"])
+        for variant in VARIANTS:
+            diffs = [a - b for a, b in zip(samples[variant], samples["off"])]
+            row = {"median_ms": median(samples[variant]), "paired_diff_ms": median(diffs),
+                   "paired_diff_pct": 100 * median(diffs) / base}
+            summary[f"{'wall' if clock == 'times' else 'cpu'}_{variant}"] = row
+            print(f"{'wall' if clock == 'times' else 'cpu':<6}{variant:<10}{row['median_ms']:>11.2f}"
+                  f"{row['paired_diff_ms']:>+21.3f} ms ({row['paired_diff_pct']:+.2f}%)")
     print(json.dumps({"bench": "monitor_toggle", "nproc": args.nproc, "rounds": args.rounds,
                       "model_args": args.model_args, "rank0_writes": result["writes"], **summary}))
     return summary
