@@ -27,6 +27,8 @@ import torch
 from torch.utils import flop_counter as _torch_flops
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from deepscale.utils.logging import logger
+
 _aten = torch.ops.aten
 
 
@@ -178,7 +180,20 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs: Optional[dict] = None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        matmul, macs, other = op_flops(func, args, kwargs, out)
+        try:
+            matmul, macs, other = op_flops(func, args, kwargs, out)
+        except Exception as err:  # a formula that cannot read these arguments must not break training
+            _warn_once(func, err)
+            return out
         if matmul or other:
             self._sink(func, matmul, macs, other)
         return out
+
+
+_WARNED = set()
+
+
+def _warn_once(func, err: Exception) -> None:
+    if func not in _WARNED:
+        _WARNED.add(func)
+        logger.warning(f"flops profiler: could not count {func} ({type(err).__name__}: {err}); counted as 0")

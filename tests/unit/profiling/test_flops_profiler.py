@@ -285,3 +285,18 @@ def test_peak_flops_table_and_override(monkeypatch):
     monkeypatch.setenv(PEAK_TFLOPS_ENV, "fast")
     with pytest.raises(ValueError, match=PEAK_TFLOPS_ENV):
         peak_flops(None, torch.float32)
+
+
+def test_a_failing_formula_counts_zero_and_does_not_break_the_step(monkeypatch, caplog):
+    from deepscale.profiling.flops_profiler import counting
+
+    def broken(*args, **kwargs):
+        raise IndexError("unexpected arguments")
+
+    monkeypatch.setitem(counting.MATMUL_FORMULAS, torch.ops.aten.mm, broken)
+    model = torch.nn.Linear(8, 8, bias=False)
+    prof = FlopsProfiler(model)
+    prof.start_profile()
+    out = model(torch.randn(4, 8))
+    prof.end_profile()
+    assert out.shape == (4, 8) and "could not count aten.mm" in caplog.text
