@@ -67,6 +67,7 @@ class PipelineEngine(Engine):
         self.channel = PipeChannel(self.stage_id, self.grid.stage_to_global, self.device,
                                    model.num_virtual_stages)
         self._executor = StageExecutor(self.stage_id, self.channel, _EngineHooks(self))
+        self._last_stage_has_loss = self._agree_on_loss_fn()
         self.data_iterator = None
         self.batch_fn = None
         self._schedules = {}
@@ -121,9 +122,10 @@ class PipelineEngine(Engine):
         """
         if not torch.is_grad_enabled():
             raise RuntimeError("train_batch() was called under torch.no_grad(); use eval_batch() for evaluation")
-        if self.module.loss_fn is None and self._holds_last_chunk():
+        if not self._last_stage_has_loss:
             raise ValueError("the last pipeline stage has no loss: pass PipelineModule(loss_fn=...) so that "
-                             "train_batch can compute a loss from the last layer's outputs and the labels")
+                             "train_batch can compute a loss from the last layer's outputs and the labels (a "
+                             "model whose last layer returns the loss can pass loss_fn=lambda loss, labels: loss)")
         if data_iter is not None:
             self.set_dataiterator(data_iter)
         self._ensure_data_iterator()
@@ -176,6 +178,13 @@ class PipelineEngine(Engine):
         if return_logits:
             return loss, (result["outputs"] if self._holds_last_chunk() else None)
         return loss
+
+    def _agree_on_loss_fn(self) -> bool:
+        """Whether the stage computing the loss has a ``loss_fn`` (so every stage raises together)."""
+        flag = torch.tensor([float(self.module.loss_fn is not None)], device=self.device)
+        if self.num_stages > 1:
+            dist.broadcast(flag, src=self.grid.stage_to_global(self._last_chunk_stage()), group=self.grid.pp_group)
+        return bool(flag.item())
 
     def _holds_last_chunk(self) -> bool:
         vs_last = self.num_stages * self.module.num_virtual_stages - 1
@@ -332,10 +341,11 @@ class _EngineHooks(StageHooks):
 
     def compute_loss(self, outputs, labels):
         loss_fn = self.engine.module.loss_fn
-        if loss_fn is None:
+        if loss_fn is None:  # eval_batch(compute_loss=True) without one: the last layer computed the loss
             if torch.is_tensor(outputs) and outputs.numel() == 1:
-                return outputs  # the last layer computed the loss itself
-            raise ValueError("the last pipeline stage has no loss: pass PipelineModule(loss_fn=...)")
+                return outputs
+            raise ValueError("eval_batch(compute_loss=True) needs PipelineModule(loss_fn=...) or a last layer that "
+                             "returns a scalar loss; pass compute_loss=False to get only the outputs")
         return loss_fn(outputs, labels)
 
     def loss_for_backward(self, loss: torch.Tensor) -> torch.Tensor:
