@@ -138,8 +138,6 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     _off("bf16.bf16_optimizer_states", "bf16 optimizer states (optimizer state kept in bf16, not fp32)"),
     UnavailableFeature("amp.enabled", _on, "NVIDIA Apex AMP", "use fp16 or bf16 instead"),
     UnavailableFeature("torch_autocast.enabled", _on, "torch.autocast mixed precision", "use fp16 or bf16 instead"),
-    UnavailableFeature("pipeline.stages", _above_one, "pipeline parallelism", "use 1 or 'auto'",
-                       values=("auto", 1, 2, 4)),
     UnavailableFeature("tensor_parallel.autotp_size", _above_one, "automatic tensor parallelism (AutoTP)",
                        "set it to 0", values=(0, 1, 2, 4)),
     UnavailableFeature("tensor_parallel.tensor_parallel.tp_size", _above_one, "tensor parallelism", "set it to 1",
@@ -251,7 +249,11 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
                    "automatically, so it is not needed", keys=("load_universal",)),
     TuningOnlyKeys("checkpoint", "this checkpoint option is not implemented yet"),
     TuningOnlyKeys("timers", "the throughput timer options are not implemented yet"),
-    TuningOnlyKeys("pipeline", "pipeline parallelism is not built yet", except_keys=("stages",)),
+    TuningOnlyKeys("pipeline", "PipelineModule's arguments decide it (partition_method, seed_layers, "
+                   "activation_checkpoint_interval), as in DeepSpeed",
+                   keys=("partition", "seed_layers", "activation_checkpoint_interval", "use_reentrant")),
+    TuningOnlyKeys("pipeline", "activations cross stages whole (they are only partitioned over a tensor-parallel "
+                   "group, which the pipeline engine does not use yet)", keys=("pipe_partitioned", "grad_partitioned")),
     TuningOnlyKeys("tensor_parallel", "automatic tensor parallelism is not built yet",
                    except_keys=("autotp_size", "tp", "tensor_parallel")),
     TuningOnlyKeys("compile", "DeepCompile is not built yet", except_keys=("deepcompile",)),

@@ -38,6 +38,9 @@ class TrainingOptimizer:
     grads_partitioned = True
     precision = None
     _backward_since_step = False
+    #: Optional ``f(squares) -> squares`` applied to the data-parallel sum of squared gradient norms:
+    #: the pipeline engine adds the other stages' share (and drops tied duplicates) here.
+    reduce_norm_squares = None
 
     # --- subclass parts -------------------------------------------------------------------
     def _attach_step_grads(self) -> List[torch.Tensor]:
@@ -56,6 +59,8 @@ class TrainingOptimizer:
         squares = squared_norm(grads)
         if self.grads_partitioned and self.world_size > 1:
             dist.all_reduce(squares, group=self.group)
+        if self.reduce_norm_squares is not None:
+            squares = self.reduce_norm_squares(squares)
         return squares.sqrt().float()
 
     def step(self) -> bool:

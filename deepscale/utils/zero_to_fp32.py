@@ -112,6 +112,8 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: Optional[
         raise ValueError(f"{tag_dir} was written by DeepSpeed: load it into a deepscale engine "
                          "(engine.load_checkpoint) and save it again, or use DeepSpeed's own zero_to_fp32")
     module = model_states["module"]
+    if model_states.get("pipeline") is not None:
+        module = pipeline_module_weights(tag_dir, model_states["pipeline"])
     fp32: Dict[str, torch.Tensor] = {}
     trained = _fill_from_shards(tag_dir, int(model_states.get("num_optimizer_shards", 0)), fp32)
     frozen = set(model_states.get("frozen_param_names", ()))
@@ -149,6 +151,26 @@ def load_state_dict_from_zero_checkpoint(model: torch.nn.Module, checkpoint_dir:
     load_module_weights(model, state, _load(os.path.join(tag_dir, MODEL_STATES_FILE)), strict,
                         where=tag_dir, strict_name="strict")
     return model
+
+
+PIPELINE_LAYER_FILE = "layer_{index:02d}-model_states.pt"
+
+
+def pipeline_module_weights(tag_dir: str, pipeline: dict) -> Dict[str, torch.Tensor]:
+    """The whole module state dict of a pipeline checkpoint, read from its per-layer files.
+
+    Args:
+        tag_dir: the tag directory.
+        pipeline: the model-states ``pipeline`` entry: ``layer_prefixes`` maps each layer index to
+            the state-dict prefix of its module (``"3."`` or ``"tied_modules.embed."``).
+    """
+    weights: Dict[str, torch.Tensor] = {}
+    for index, prefix in sorted((int(i), p) for i, p in pipeline["layer_prefixes"].items()):
+        path = os.path.join(tag_dir, PIPELINE_LAYER_FILE.format(index=index))
+        if os.path.isfile(path):  # layers without state write no file
+            for key, value in _load(path).items():
+                weights[prefix + key] = value
+    return weights
 
 
 def load_module_weights(module: torch.nn.Module, weights: Dict[str, torch.Tensor], model_states: dict,

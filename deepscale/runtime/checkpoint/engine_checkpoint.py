@@ -20,7 +20,7 @@ skipped with a note otherwise.
 import os
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -36,7 +36,7 @@ from deepscale.utils.logging import logger
 from deepscale.version import __version__
 
 from deepscale.utils.zero_to_fp32 import (CHECKPOINT_FORMAT_VERSION, MODEL_STATES_FILE, OPTIM_FILE_FORMAT,
-                                          iter_optimizer_shards, load_module_weights)
+                                          iter_optimizer_shards, load_module_weights, pipeline_module_weights)
 
 RNG_FILE_FORMAT = "rng_states_rank{rank}.pt"
 
@@ -53,6 +53,8 @@ class EngineState:
     dp_world_size: int = 1
     zero_stage: int = 0
     dp_group: Any = None
+    # rank -> {file name: object}: replaces the default files (the pipeline engine writes per-layer files).
+    payload_builder: Optional[Callable[[int], Dict[str, Any]]] = None
 
 
 class CheckpointSaveError(RuntimeError):
@@ -144,6 +146,8 @@ def save_engine_checkpoint(state: EngineState, save_dir: str, tag: str, client_s
 def _payloads(state: EngineState, client_state: Optional[dict], rank: int,
               exclude_frozen_parameters: bool = False) -> Dict[str, Any]:
     """File name -> object for the files this rank writes."""
+    if state.payload_builder is not None:
+        return {RNG_FILE_FORMAT.format(rank=rank): get_rng_states(), **state.payload_builder(rank)}
     payloads = {RNG_FILE_FORMAT.format(rank=rank): get_rng_states()}
     shard = _optimizer_shard(state, rank)
     if shard is not None:
@@ -242,6 +246,8 @@ def _read_model_states(path: str):
         if dist.get_rank() == 0:
             logger.info(f"{path} was written by DeepSpeed: converting it to deepscale's portable layout")
         return read_deepspeed_checkpoint(path, saved)
+    if saved.get("pipeline") is not None:  # saved by the pipeline engine: weights are in per-layer files
+        saved = {**saved, "module": pipeline_module_weights(path, saved["pipeline"])}
     return saved, None
 
 
