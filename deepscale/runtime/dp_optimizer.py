@@ -93,6 +93,10 @@ class DataParallelOptimizer(TrainingOptimizer):
         # The flat buffer holds every gradient: its norm is one reduction.
         return [self.reducer.buffer]
 
+    def _local_grad_parts(self, params):
+        managed = set(self.reducer.params)
+        return [self.reducer.grad_view(p) for p in params if p in managed]
+
     def zero_grad(self) -> None:
         if self.precision is not None:
             self.precision.zero_grad()

@@ -271,6 +271,14 @@ class Stage3Optimizer(TrainingOptimizer):
                 grads.append(grad)
         return grads
 
+    def _local_grad_parts(self, params) -> List[torch.Tensor]:
+        parts = []
+        for param in params:
+            slot = self._slots.get(id(param))
+            if slot is not None and self._master_grads[slot[0]] is not None:
+                parts.append(self._master_grads[slot[0]][slot[1]:slot[1] + slot[2]])
+        return parts
+
     def _publish_masters(self) -> None:
         self.publish_masters()
 
