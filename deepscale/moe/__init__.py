@@ -1,2 +1,3 @@
-"""Mixture of experts (DeepSpeed's ``deepspeed.moe``). ``deepscale.moe.utils`` holds the
-parameter helpers optimizers and tutorials import; the MoE layer itself is not built yet."""
+"""Mixture of experts (DeepSpeed's ``deepspeed.moe``): the :class:`~deepscale.moe.layer.MoE` layer
+(``layer.py``), its gates (``gating.py``), experts (``experts.py``) and expert-parallel dispatch
+(``sharded_moe.py``), and the parameter helpers optimizers import (``utils.py``)."""
