@@ -46,6 +46,7 @@ class ExpertGroups:
     ep_ranks: List[int]
     edp_ranks: List[int]
     distributed: bool = True  # False: made before torch.distributed was initialized
+    world: object = None  # the default group the groups were made in (a new one makes them stale)
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -75,7 +76,7 @@ def create_expert_groups(ep_size: int, dp_group=None) -> ExpertGroups:
     from deepscale import comm as dist
     cached = _REGISTRY.get(name)
     # A group set made before torch.distributed was initialized is the single-process one: rebuild it.
-    if cached is not None and (cached.distributed or not dist.is_initialized()):
+    if cached is not None and not _stale(cached):
         return cached
     if not dist.is_initialized():
         groups = _single_process(name, ep_size)
@@ -103,15 +104,32 @@ def create_expert_groups(ep_size: int, dp_group=None) -> ExpertGroups:
         if rank in dp_ranks:
             (ep_group, ep_ranks), (edp_group, edp_ranks) = created["ep"], created["dp"]
             result = ExpertGroups(name, ep_size, len(edp_ranks), ep_ranks.index(rank), edp_ranks.index(rank),
-                                  ep_group, edp_group, len(dp_ranks), ep_ranks, edp_ranks)
+                                  ep_group, edp_group, len(dp_ranks), ep_ranks, edp_ranks,
+                                  world=dist.get_world_group())
     assert result is not None, "this rank is in no data-parallel group"
     _REGISTRY[name] = result
     return result
 
 
+def _stale(groups: ExpertGroups) -> bool:
+    from deepscale import comm as dist
+    if not dist.is_initialized():
+        return groups.distributed
+    if not groups.distributed or groups.world is not dist.get_world_group():
+        return True
+    import torch.distributed as torch_dist
+    for group in (groups.ep_group, groups.edp_group):
+        if group is not None:
+            try:  # a destroyed group is no longer known to torch
+                torch_dist.get_process_group_ranks(group)
+            except (ValueError, RuntimeError, KeyError):
+                return True
+    return False
+
+
 def get_expert_groups(name: str) -> ExpertGroups:
     """The groups registered under ``name`` (``"ep_size_{N}"``)."""
-    if name not in _REGISTRY:
+    if name not in _REGISTRY or _stale(_REGISTRY[name]):
         raise ValueError(f"no expert process groups named {name!r}; they are created when the engine is built "
                          f"(or by MoE.set_deepspeed_parallelism()); known: {sorted(_REGISTRY)}")
     return _REGISTRY[name]

@@ -20,7 +20,7 @@ share is :class:`~deepscale.runtime.training_optimizer.TrainingOptimizer`.
 import torch
 
 from deepscale.runtime.checkpoint.portable import export_shard, fragments_of_whole_params, import_shards
-from deepscale.runtime.grad_reducer import GradientReducer
+from deepscale.runtime.expert_grads import GradientReducerSet
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.zero_access import WholeTensorAccess
@@ -56,7 +56,7 @@ class DataParallelOptimizer(TrainingOptimizer):
     def attach(self) -> None:
         """Install the gradient hooks; call once the model has its final dtype and device."""
         params = [p for p in self._module.parameters() if p.requires_grad]
-        self.reducer = GradientReducer(params, **self._reducer_args)
+        self.reducer = GradientReducerSet(params, **self._reducer_args)
         if self.precision is not None:
             access = WholeTensorAccess(self.precision.master_of, self.reducer.grad_view, self.precision.optimizer)
             for param in params:
@@ -87,8 +87,12 @@ class DataParallelOptimizer(TrainingOptimizer):
         for param in self.reducer.params:
             if self.precision.has_param(param):
                 self.precision.set_master_grad(param, self.reducer.grad_view(param))
-        # The flat buffer holds every gradient: its norm is one reduction.
-        return [self.reducer.buffer]
+        return self.reducer.buffers
+
+    def global_grad_norm(self, grads):
+        """Every rank holds the whole averaged dense gradient; expert gradients are summed over
+        the expert-parallel group (``runtime/expert_grads.py``)."""
+        return self.reducer.squared_norm().sqrt().float()
 
     def zero_grad(self) -> None:
         if self.precision is not None:
@@ -159,7 +163,7 @@ class DataParallelOptimizer(TrainingOptimizer):
     def destroy(self) -> None:
         if self.reducer is not None:
             self.reducer.remove_hooks()
-            self.reducer.buffer = torch.empty(0)
+            self.reducer.release()
             for param in self.reducer.params:
                 if param.grad is not None and param.grad is self.reducer.grad_view(param):
                     param.grad = None  # a view into the released buffer

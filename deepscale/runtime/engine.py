@@ -21,7 +21,7 @@ from deepscale.runtime.dataloader import DeepScaleDataLoader
 from deepscale.runtime.engine_compat import EngineCompatMixin
 from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_lr_scheduler_for, build_optimizer_for,
                                             build_loss_scaler_for, cast_floating_inputs, configure_collective_watchdog,
-                                            reducer_dtypes, stage0_bucket_numel)
+                                            reducer_dtypes, setup_expert_parallelism, stage0_bucket_numel)
 from deepscale.runtime.dp_optimizer import DataParallelOptimizer
 from deepscale.runtime.step_reporter import StepReporter
 from deepscale.runtime.zero.stage_1_and_2 import ZeroOptimizer, zero_optimizer_kwargs
@@ -58,6 +58,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self.model_dtype = model_dtype
         self.module = model
         self.module.to(self.device)
+        setup_expert_parallelism(self.module, self.dp_group)
         broadcast_module_from_rank0(self.module, self.dp_group, self.dp_world_size)
         # Masters are cloned before the model is cast, so they start from the fp32 weights.
         basic = build_optimizer_for(optimizer, config, model, model_parameters)
