@@ -74,7 +74,7 @@ def reference_run(num_steps, world, lr=0.1, **kwargs):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def build_engine(stage, ep_size, lr=0.1, optimizer="SGD", moe_groups=False, **kwargs):
+def build_engine(stage, ep_size, lr=0.1, optimizer="SGD", moe_groups=False, bucket=200, **kwargs):
     import torch.distributed as dist
     model = MoENet(ep_size=ep_size, **kwargs)
     model.load_state_dict(local_state(reference_state(**kwargs), ep_size, dist.get_rank() % ep_size))
@@ -83,6 +83,6 @@ def build_engine(stage, ep_size, lr=0.1, optimizer="SGD", moe_groups=False, **kw
         params = split_params_into_different_moe_groups_for_optimizer({"params": list(params), "name": "all"})
     config = {"train_micro_batch_size_per_gpu": MICRO_BS, "gradient_clipping": 0.0,
               "optimizer": {"type": optimizer, "params": {"lr": lr}},
-              "zero_optimization": {"stage": stage, "reduce_bucket_size": 200}}
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket}}
     engine, _, _, _ = deepscale.initialize(model=model, model_parameters=params, config=config)
     return engine
