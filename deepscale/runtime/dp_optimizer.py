@@ -19,6 +19,8 @@ share is :class:`~deepscale.runtime.training_optimizer.TrainingOptimizer`.
 """
 import torch
 
+from deepscale.comm.expert_groups import expert_groups_of_param
+from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import export_shard, fragments_of_whole_params, import_shards
 from deepscale.runtime.expert_grads import GradientReducerSet
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
@@ -108,10 +110,26 @@ class DataParallelOptimizer(TrainingOptimizer):
         return self.precision if self.precision.uses_master_copies else self.precision.optimizer
 
     # --- checkpoints ----------------------------------------------------------------------
-    saves_per_rank = False  # the state is replicated: rank 0 writes the only shard
+    @property
+    def saves_per_rank(self) -> bool:
+        """The state is replicated, so rank 0 writes the only shard; with expert parallelism the
+        experts differ between ranks, so every rank writes one (dense state on rank 0 only,
+        expert state on the first rank of each expert-data-parallel group)."""
+        return any(groups.ep_size > 1 for groups, _ in self.reducer.experts) if self.reducer else False
+
+    def _exported_fragments(self, fragments):
+        if not self.saves_per_rank:
+            return fragments
+        from deepscale import comm as dist
+        names = checkpoint_param_names(self._module)
+        writer = {}
+        for param in self.reducer.params:
+            groups = expert_groups_of_param(param)
+            writer[names.get(param)] = groups.edp_rank == 0 if groups else dist.get_rank(self.group) == 0
+        return [f for f in fragments if writer.get(f.name, False)]
 
     def _named_masters(self):
-        names = {p: n for n, p in self._module.named_parameters()}
+        names = checkpoint_param_names(self._module)  # experts under global names
         group_of, named, group_names = {}, [], []
         for index, group in enumerate(self.precision.optimizer.param_groups):
             group_names.append([])
@@ -137,7 +155,8 @@ class DataParallelOptimizer(TrainingOptimizer):
         if self.precision is None:
             return None
         named, group_of, group_names = self._named_masters()
-        return export_shard(self.precision.optimizer, fragments_of_whole_params(named, group_of), group_names,
+        return export_shard(self.precision.optimizer,
+                            self._exported_fragments(fragments_of_whole_params(named, group_of)), group_names,
                             self.precision.loss_scaler, zero_stage=0)
 
     def load_state_dict(self, state: dict, load_optimizer_states: bool = True) -> None:

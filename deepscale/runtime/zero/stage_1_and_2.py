@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from deepscale import comm as dist
+from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.expert_grads import split_by_expert_group
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
@@ -100,7 +101,8 @@ class ZeroOptimizer(TrainingOptimizer):
         self._grad_args = dict(accum_dtype=accum_dtype, comm_dtype=comm_dtype, overlap_comm=overlap_comm,
                                reduce_method=reduce_method, predivide_factor=predivide_factor)
         self._module = module
-        self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
+        # expert parameters under their global expert names (checkpoint/expert_files.py)
+        self.param_names: Dict[torch.nn.Parameter, str] = checkpoint_param_names(module)
         layout_numel = int(bucket_numel) if stage == 1 else min(int(bucket_numel), STAGE2_MAX_BUCKET_NUMEL)
         self.buckets = self._plan(module, layout_numel)
         if self.basic.state:

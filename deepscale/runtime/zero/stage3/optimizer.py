@@ -19,6 +19,7 @@ import torch
 
 from deepscale import comm as dist
 from deepscale.comm.expert_groups import expert_groups_of_param
+from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
@@ -82,7 +83,8 @@ class Stage3Optimizer(TrainingOptimizer):
         self.rank = dist.get_rank(group) if world_size > 1 else 0
         self._loss_scaler, self._clip_grad = loss_scaler, clip_grad
         self._module = module
-        self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
+        # expert parameters under their global expert names (checkpoint/expert_files.py)
+        self.param_names: Dict[torch.nn.Parameter, str] = checkpoint_param_names(module)
         self.debug = bool(debug) or debug_enabled_from_env()
         self.runner = CollectiveRunner(group, world_size, reduce_group=twin_group(group, world_size),
                                        check_reduces=self.debug)
