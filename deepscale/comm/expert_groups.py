@@ -8,7 +8,10 @@ the ``ep`` axis form an *expert-parallel* group (they exchange tokens with all-t
 different experts); the ranks along the ``dp`` axis, at one ``ep`` coordinate, form an
 *expert-data-parallel* group (they hold the same experts, so expert gradients are reduced and
 expert optimizer states partitioned over it). For ranks ``0..3`` and ``ep_size=2``: expert-parallel
-``[0, 1], [2, 3]``, expert-data-parallel ``[0, 2], [1, 3]`` (DeepSpeed's layout too).
+``[0, 1], [2, 3]``, expert-data-parallel ``[0, 2], [1, 3]`` (DeepSpeed's layout too). With
+``data_before_expert`` (DeepSpeed's ``use_data_before_expert_parallelism``) the roles swap: the
+expert-data-parallel ranks are neighbours (``[0, 1], [2, 3]``) and the expert-parallel ones
+strided (``[0, 2], [1, 3]``).
 
 Groups are registered under a name (``"ep_size_{ep_size}"``, the name DeepSpeed's MoE layer
 puts on its expert parameters as ``param.group_name``), so ZeRO finds the group of a parameter
@@ -47,6 +50,7 @@ class ExpertGroups:
     edp_ranks: List[int]
     distributed: bool = True  # False: made before torch.distributed was initialized
     world: object = None  # the default group the groups were made in (a new one makes them stale)
+    data_before_expert: bool = False
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -61,7 +65,7 @@ def _single_process(name: str, ep_size: int) -> ExpertGroups:
     return ExpertGroups(name, 1, 1, 0, 0, None, None, 1, [0], [0], distributed=False)
 
 
-def create_expert_groups(ep_size: int, dp_group=None) -> ExpertGroups:
+def create_expert_groups(ep_size: int, dp_group=None, data_before_expert: bool = False) -> ExpertGroups:
     """Create (once) and return the expert groups of ``ep_size`` over the data-parallel group.
 
     Args:
@@ -69,12 +73,17 @@ def create_expert_groups(ep_size: int, dp_group=None) -> ExpertGroups:
         dp_group: the data-parallel process group this rank belongs to (None: the whole world).
             With tensor or pipeline parallelism every rank passes its own data-parallel group;
             all such groups are split the same way.
+        data_before_expert: lay expert-data-parallel ranks out as neighbours instead of the
+            expert-parallel ones (``use_data_before_expert_parallelism``). Default False.
     """
     if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
         raise ValueError(f"ep_size must be a positive int, got {ep_size!r}")
     name = expert_group_name(ep_size)
     from deepscale import comm as dist
     cached = _REGISTRY.get(name)
+    if cached is not None and cached.data_before_expert != bool(data_before_expert) and not _stale(cached):
+        raise ValueError(f"expert groups of ep_size={ep_size} already exist with use_data_before_expert_parallelism="
+                         f"{cached.data_before_expert}; one job uses one layout")
     # A group set made before torch.distributed was initialized is the single-process one: rebuild it.
     if cached is not None and not _stale(cached):
         return cached
@@ -93,19 +102,24 @@ def create_expert_groups(ep_size: int, dp_group=None) -> ExpertGroups:
     result = None
     # Every rank creates every group in the same order (new_group is collective over the job).
     for dp_ranks in sorted({tuple(r) for r in everyone}):
-        topo = ParallelTopology(dp=len(dp_ranks) // ep_size, ep=ep_size)
+        if data_before_expert:  # the fast axis holds the expert-data-parallel peers
+            topo = ParallelTopology(dp=ep_size, ep=len(dp_ranks) // ep_size)
+            roles = {"ep": "dp", "dp": "ep"}
+        else:
+            topo = ParallelTopology(dp=len(dp_ranks) // ep_size, ep=ep_size)
+            roles = {"ep": "ep", "dp": "dp"}
         created = {}
         for axis in ("ep", "dp"):
             for local in topo.axis_groups(axis):
                 ranks = [dp_ranks[i] for i in local]
                 group = dist.new_group(ranks=ranks) if len(ranks) > 1 else None
                 if rank in ranks:
-                    created[axis] = (group, ranks)
+                    created[roles[axis]] = (group, ranks)
         if rank in dp_ranks:
             (ep_group, ep_ranks), (edp_group, edp_ranks) = created["ep"], created["dp"]
             result = ExpertGroups(name, ep_size, len(edp_ranks), ep_ranks.index(rank), edp_ranks.index(rank),
                                   ep_group, edp_group, len(dp_ranks), ep_ranks, edp_ranks,
-                                  world=dist.get_world_group())
+                                  world=dist.get_world_group(), data_before_expert=bool(data_before_expert))
     assert result is not None, "this rank is in no data-parallel group"
     _REGISTRY[name] = result
     return result

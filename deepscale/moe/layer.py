@@ -89,10 +89,7 @@ class MoE(torch.nn.Module):
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False, dp_group=None) -> None:
         """Create (once per ``ep_size``) the expert process groups and give the layer its
         expert-parallel group; called by the engine, or on the first forward. Every rank must call it."""
-        if use_data_before_expert_parallel_:
-            raise ValueError("use_data_before_expert_parallelism=True is not supported by deepscale; expert-parallel "
-                             "ranks are adjacent (see deepscale/comm/expert_groups.py)")
-        groups = create_expert_groups(self.ep_size, dp_group)
+        groups = create_expert_groups(self.ep_size, dp_group, data_before_expert=use_data_before_expert_parallel_)
         self.deepspeed_moe._set_ep_group(groups.ep_group)
         self.ep_rank = groups.ep_rank
         self._groups_ready = True

@@ -58,7 +58,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self.model_dtype = model_dtype
         self.module = model
         self.module.to(self.device)
-        setup_expert_parallelism(self.module, self.dp_group)
+        setup_expert_parallelism(self.module, self.dp_group, config)
         broadcast_module_from_rank0(self.module, self.dp_group, self.dp_world_size)
         # Masters are cloned before the model is cast, so they start from the fp32 weights.
         basic = build_optimizer_for(optimizer, config, model, model_parameters)

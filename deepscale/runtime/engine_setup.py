@@ -104,12 +104,14 @@ def reducer_dtypes(config, model_dtype: torch.dtype) -> Tuple[torch.dtype, torch
     return accum, comm or accum
 
 
-def setup_expert_parallelism(module: torch.nn.Module, dp_group) -> None:
+def setup_expert_parallelism(module: torch.nn.Module, dp_group, config=None) -> None:
     """Create the expert process groups of every MoE layer of ``module`` over the data-parallel
-    group (collective: every rank builds the engine, so every rank gets here in the same order)."""
+    group (collective: every rank builds the engine, so every rank gets here in the same order).
+    ``use_data_before_expert_parallelism`` in the config picks the layout (``comm/expert_groups.py``)."""
+    data_before = bool((getattr(config, "raw", None) or {}).get("use_data_before_expert_parallelism", False))
     for sub in module.modules():
         if hasattr(sub, "expert_group_name") and callable(getattr(sub, "set_deepspeed_parallelism", None)):
-            sub.set_deepspeed_parallelism(dp_group=dp_group)
+            sub.set_deepspeed_parallelism(data_before, dp_group=dp_group)
 
 
 def _broadcast_tensors(tensors, src: int, group) -> None:

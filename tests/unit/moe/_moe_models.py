@@ -74,15 +74,17 @@ def reference_run(num_steps, world, lr=0.1, **kwargs):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def build_engine(stage, ep_size, lr=0.1, optimizer="SGD", moe_groups=False, bucket=200, **kwargs):
+def build_engine(stage, ep_size, lr=0.1, optimizer="SGD", moe_groups=False, bucket=200, extra_config=None, **kwargs):
     import torch.distributed as dist
     model = MoENet(ep_size=ep_size, **kwargs)
-    model.load_state_dict(local_state(reference_state(**kwargs), ep_size, dist.get_rank() % ep_size))
+    data_before = (extra_config or {}).get("use_data_before_expert_parallelism", False)
+    ep_rank = dist.get_rank() // (dist.get_world_size() // ep_size) if data_before else dist.get_rank() % ep_size
+    model.load_state_dict(local_state(reference_state(**kwargs), ep_size, ep_rank))
     params = model.parameters()
     if moe_groups:
         params = split_params_into_different_moe_groups_for_optimizer({"params": list(params), "name": "all"})
     config = {"train_micro_batch_size_per_gpu": MICRO_BS, "gradient_clipping": 0.0,
               "optimizer": {"type": optimizer, "params": {"lr": lr}},
-              "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket}}
+              "zero_optimization": {"stage": stage, "reduce_bucket_size": bucket}, **(extra_config or {})}
     engine, _, _, _ = deepscale.initialize(model=model, model_parameters=params, config=config)
     return engine
