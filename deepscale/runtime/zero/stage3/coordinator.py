@@ -12,6 +12,16 @@ order costs only the prefetch. Backward walks the recorded sequence in reverse t
 groups whose gradients are still to come. Decisions depend only on the recorded sequence and on
 element counts, so every rank that runs the same modules issues the same collectives.
 
+Note: the tail of the forward. The backward starts with the groups the forward used last, so a
+group whose last forward use is followed by at most ``min(stage3_max_reuse_distance,
+stage3_prefetch_bucket_size)`` elements of other groups (the recorded order, reversed) is kept
+gathered through the end of the forward instead of released and gathered again at once: the
+backward's prefetch would hold those groups at that point anyway, so peak memory does not grow,
+and a small model whose groups all sit in that window (a tied embedding used first and last)
+saves a whole all-gather per step. Only trainable groups under grad mode are kept; the backward's
+end releases them as always, and the step releases any still gathered (a forward without a
+backward) when it publishes the new shards, so no stale value outlives a step.
+
 Note: gradients, in an order every rank shares. When every trainable parameter of a group has
 its gradient accumulated in a backward, the group is ready and released. Reduce-scatters are
 launched strictly in one order, the same on every rank: the groups by descending first position
@@ -140,8 +150,9 @@ class ParamCoordinator:
         # the recorded sequence decides the reduce order: compare it across ranks too
         self.runner.check_boundary("end_forward", self.last_module,
                                    token=hash((tuple(self._current), self._modules_run)))
+        on_track = self._on_track and len(self._current) == len(self.trace)
         for group in self.groups:
-            if group.users == 0:
+            if group.users == 0 and not (on_track and self._needed_first_in_backward(group)):
                 self.release(group)
         self._set_trace(self._current)
         self.training.to(TrainingState.IDLE)
@@ -203,9 +214,20 @@ class ParamCoordinator:
             if group.users or group.persistent or self.training == TrainingState.BACKWARD:
                 continue
             if (self.training == TrainingState.FORWARD and self.live_numel <= self.max_live_numel
-                    and self._reused_soon(group)):
+                    and (self._reused_soon(group) or self._needed_first_in_backward(group))):
                 continue
             self.release(group)
+
+    def _needed_first_in_backward(self, group: ParamGroup) -> bool:
+        """Whether ``group`` is at the tail of the recorded forward, close enough to the start of
+        the backward to keep it gathered through the boundary (see the Note on the tail)."""
+        if not (self._on_track and torch.is_grad_enabled() and self.trainable_of[group.index]):
+            return False
+        position = getattr(group, "last_position", None)
+        if position is None or position >= len(self.trace):
+            return False
+        after = self._numel_prefix[len(self.trace)] - self._numel_prefix[position + 1]
+        return after + group.numel <= min(self.max_reuse_distance, self.prefetch_numel)
 
     def _reused_soon(self, group: ParamGroup) -> bool:
         if not self._on_track:
