@@ -82,8 +82,10 @@ class Experts(torch.nn.Module):
         super().__init__()
         self.deepspeed_experts = torch.nn.ModuleList([copy.deepcopy(expert) for _ in range(num_local_experts)])
         self.num_local_experts = num_local_experts
-        #: run chains of Linear layers as grouped matmuls (False: call each expert on its rows)
-        self.use_grouped_mm = True
+        #: run chains of Linear layers as grouped matmuls: True, False (call each expert on its
+        #: rows) or None (automatic: on accelerators; on CPU torch's grouped_mm is a loop of
+        #: matmuls over the whole batch, slower than calling the experts on their rows)
+        self.use_grouped_mm = None
         for param in self.deepspeed_experts.parameters():
             param.allreduce = False
             param.group_name = expert_group_name
@@ -103,7 +105,8 @@ class Experts(torch.nn.Module):
             raise ValueError(f"counts {counts} do not match {self.num_local_experts} experts and "
                              f"{inputs.shape[0]} rows")
         chains = [linear_chain(e) for e in self.deepspeed_experts]
-        if self.use_grouped_mm and all(c is not None for c in chains):
+        grouped = self.use_grouped_mm if self.use_grouped_mm is not None else inputs.device.type != "cpu"
+        if grouped and all(c is not None for c in chains):
             out = self._grouped(inputs, counts, chains)
             if out is not None:
                 return out
@@ -116,7 +119,6 @@ class Experts(torch.nn.Module):
 
     def _grouped(self, inputs: torch.Tensor, counts: List[int], chains) -> Optional[torch.Tensor]:
         offsets = torch.tensor(counts, device=inputs.device).cumsum(0).to(torch.int32)
-        row_expert = None
         h = inputs
         for position, layer in enumerate(chains[0]):
             if not isinstance(layer, torch.nn.Linear):
@@ -128,10 +130,7 @@ class Experts(torch.nn.Module):
             stacked = torch.stack(weights).transpose(1, 2)  # [L, in, out]
             h = F.grouped_mm(_ContiguousGrad.apply(h.contiguous()), stacked, offs=offsets)
             h = _ContiguousGrad.apply(h)
-            if layer.bias is not None:
-                if row_expert is None:
-                    row_expert = torch.repeat_interleave(
-                        torch.arange(len(counts), device=inputs.device), torch.tensor(counts, device=inputs.device))
-                biases = torch.stack([chain[position].bias for chain in chains])
-                h = h + biases[row_expert]
+            if layer.bias is not None:  # per expert segment: no per-row bias tensor, cheap backward
+                h = torch.cat([segment + chain[position].bias
+                               for segment, chain in zip(torch.split(h, counts), chains)])
         return h

@@ -73,7 +73,7 @@ class MOELayer(torch.nn.Module):
         kept = kept[torch.argsort(flat_expert[kept], stable=True)]
         token_of = kept // k
         counts = torch.bincount(flat_expert[kept], minlength=routing.num_experts)
-        rows = tokens[token_of]
+        rows = tokens.index_select(0, token_of)  # backward: index_add (index's backward sorts)
         expert_out = self._run_experts(rows, counts)
         weights = routing.weights.reshape(-1)[kept].to(expert_out.dtype).unsqueeze(1)
         out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
