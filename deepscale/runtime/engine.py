@@ -16,6 +16,7 @@ from deepscale.comm.topology import ParallelTopology
 from deepscale.runtime.activation_checkpointing import configure as configure_checkpointing
 from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_engine_checkpoint, resolve_checkpoint,
                                                             save_engine_checkpoint)
+from deepscale.runtime.checkpoint.expert_files import consolidate_expert_weights
 from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
 from deepscale.runtime.dataloader import DeepScaleDataLoader
 from deepscale.runtime.engine_compat import EngineCompatMixin
@@ -343,11 +344,13 @@ class Engine(EngineCompatMixin, torch.nn.Module):
     # --- ZeRO-3 module weights -------------------------------------------------------------
     def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False):
         """The whole module state dict in the model dtype on rank 0 (None elsewhere); under ZeRO-3
-        every rank must call it. At other stages rank 0 returns ``module.state_dict()``."""
+        every rank must call it. At other stages rank 0 returns ``module.state_dict()`` (with MoE layers
+        every rank must call it too: experts are collected under global names)."""
         if self._config.zero_stage == 3:
             state = self._train_opt.consolidated_state_dict(rank0_only=True)
         else:
             state = self.module.state_dict() if self.global_rank == 0 else None
+        state = consolidate_expert_weights(self.module, state)  # MoE: every expert, global names
         if state is not None and exclude_frozen_parameters:
             frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
             state = {k: v for k, v in state.items() if k not in frozen}

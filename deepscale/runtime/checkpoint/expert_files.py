@@ -98,3 +98,28 @@ def read_expert_files(module: torch.nn.Module, path: str, load) -> Dict[str, tor
         for local in params:
             out[local] = saved[global_names[local]]
     return out
+
+
+def consolidate_expert_weights(module: torch.nn.Module, state):
+    """Every expert of every rank, under global names, in ``state`` (a module state dict on rank 0,
+    None elsewhere); the local expert entries are replaced. Collective over the whole job
+    (experts travel to every rank as objects: meant for saving, not for the training loop).
+    Without MoE layers ``state`` is returned unchanged and nothing is communicated."""
+    local = expert_local_names(module)
+    if not local:
+        return state
+    from deepscale import comm as dist
+    mine = {}
+    for values in expert_file_payloads(module).values():
+        mine.update(values)
+    parts = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    if state is None:
+        return None
+    for name in local:
+        state.pop(name, None)
+    for part in parts:
+        state.update(part)
+    return state

@@ -62,3 +62,26 @@ def test_ep4_checkpoint_loads_at_ep2_and_ep1_with_the_same_next_loss(tmp_path, s
     for rank, (expected, _) in enumerate(results):
         with torch.no_grad():
             assert float(model(*batch(2, rank))) == pytest.approx(expected, rel=1e-6)
+
+
+def _save16_body(save_dir, stage):
+    import torch.distributed as dist
+    engine = build_engine(stage, 2, extra_config={"zero_optimization": {
+        "stage": stage, "stage3_gather_16bit_weights_on_model_save": True}})
+    loss = engine(*batch(0, dist.get_rank()))
+    engine.backward(loss)
+    engine.step()
+    assert engine.save_16bit_model(save_dir)
+    value = float(engine(*batch(1, dist.get_rank())))
+    engine.destroy()
+    return value
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_save_16bit_model_at_ep2_holds_every_expert(tmp_path, stage):
+    losses = run_distributed(_save16_body, WORLD, args=(str(tmp_path), stage), timeout=180)
+    model = MoENet()
+    model.load_state_dict(torch.load(tmp_path / "pytorch_model.bin"), strict=True)
+    for rank, want in enumerate(losses):
+        with torch.no_grad():
+            assert float(model(*batch(1, rank))) == pytest.approx(want, rel=1e-6)
