@@ -26,7 +26,7 @@ import torch
 from deepscale.comm.topology import ParallelTopology
 
 __all__ = ["ExpertGroups", "create_expert_groups", "get_expert_groups", "expert_group_name",
-           "expert_groups_of_param", "clear_expert_groups"]
+           "expert_groups_of_param", "clear_expert_groups", "registered_expert_groups"]
 
 _REGISTRY: Dict[str, "ExpertGroups"] = {}
 
@@ -154,6 +154,11 @@ def expert_groups_of_param(param: torch.Tensor) -> Optional[ExpertGroups]:
     if getattr(param, "allreduce", True) is not False:
         return None
     return get_expert_groups(str(getattr(param, "group_name", expert_group_name(1))))
+
+
+def registered_expert_groups() -> List[ExpertGroups]:
+    """Every live group set created so far, sorted by name."""
+    return [g for name, g in sorted(_REGISTRY.items()) if not _stale(g)]
 
 
 def clear_expert_groups() -> None:

@@ -67,3 +67,24 @@ def test_single_process_groups_without_torch_distributed():
     assert (groups.ep_size, groups.edp_size, groups.ep_rank) == (1, 1, 0)
     with pytest.raises(ValueError, match="ep_size=2"):
         create_expert_groups(2)
+
+
+def _deepspeed_names_body():
+    from deepscale.comm.expert_groups import clear_expert_groups
+    from deepscale.utils import groups
+    clear_expert_groups()
+    groups._create_expert_and_data_parallel(2)
+    name = "ep_size_2"
+    import torch.distributed as dist
+    return (groups._get_expert_parallel_world_size(name), groups._get_expert_data_parallel_world_size(name),
+            groups._get_expert_parallel_rank(name), groups._get_expert_data_parallel_rank(name),
+            dist.get_process_group_ranks(groups._get_expert_parallel_group(name)),
+            sorted(groups._get_expert_parallel_group_dict()), groups._get_max_expert_size())
+
+
+def test_deepspeed_group_accessors():
+    results = run_distributed(_deepspeed_names_body, 4)
+    for rank, (ep, edp, ep_rank, edp_rank, ep_ranks, names, max_size) in enumerate(results):
+        assert (ep, edp, ep_rank, edp_rank) == (2, 2, rank % 2, rank // 2)
+        assert ep_ranks == [rank - rank % 2, rank - rank % 2 + 1]
+        assert names == ["ep_size_2"] and max_size == 2

@@ -43,7 +43,7 @@ def _ckpt_body(save_dir, save_stage, load_stage):
     return expected, got
 
 
-@pytest.mark.parametrize("save_stage, load_stage", [(0, 0), (1, 1), (2, 2), (3, 3), (3, 1), (2, 3)])
+@pytest.mark.parametrize("save_stage, load_stage", [(0, 0), (2, 3), (3, 1)])
 def test_ep4_checkpoint_loads_at_ep2_and_ep1_with_the_same_next_loss(tmp_path, save_stage, load_stage):
     results = run_distributed(_ckpt_body, WORLD, args=(str(tmp_path), save_stage, load_stage), timeout=240)
     files = sorted(os.listdir(tmp_path / "t"))

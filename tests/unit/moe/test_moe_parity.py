@@ -80,7 +80,7 @@ def _bf16_body(stage):
     return max(errs)
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_ep2_tracks_the_fp32_reference(stage):
     errors = run_distributed(_bf16_body, WORLD, args=(stage,), timeout=180)
     assert max(errors) < 2e-2, errors  # bf16 weights and activations: 8 bits of mantissa
