@@ -4,8 +4,8 @@ loop, capacity) against DeepSpeed's ``MoE`` layer, interleaved in the same run.
 DeepSpeed runs in a worker process of another interpreter (``--ds-python``, a virtualenv with
 ``deepspeed`` installed; default ``/work/venv-ds/bin/python``) that takes commands on stdin, so
 both libraries are timed round by round on the same machine state. Each measurement is the
-median over ``--iters`` forward+backward passes of ``--tokens`` tokens; rounds alternate the
-implementations and the reported figure is the median over rounds.
+median CPU time (one thread) over ``--iters`` forward+backward passes of ``--tokens`` tokens;
+rounds alternate the implementations and the reported figure is the median over rounds.
 
     python benchmarks/bench_moe.py --tokens 2048 --hidden 256 --ffn 512 --experts 8 --k 2
 
@@ -42,15 +42,17 @@ def _build(lib: str, args, drop_tokens: bool, grouped=None):
 
 
 def _time(layer, args) -> float:
+    """Median CPU seconds of one forward+backward. CPU time (one thread), not wall time: on a
+    shared machine the wall time of a pass mostly measures how long it waited for a core."""
     import torch
     x = torch.randn(args.tokens, args.hidden, requires_grad=True)
     times = []
     for i in range(args.iters + 1):
-        start = time.perf_counter()
+        start = time.process_time()
         out, l_aux, _ = layer(x)
         (out.float().pow(2).mean() + l_aux).backward()
         if i:  # the first pass warms up
-            times.append(time.perf_counter() - start)
+            times.append(time.process_time() - start)
     return median(times)
 
 
@@ -122,12 +124,12 @@ def main() -> None:
     base = median(results["deepspeed capacity 1.0"]) if ds else None
     rows, summary = [], {}
     for name, values in results.items():
-        ms = 1000 * median(values)
+        ms = 1000 * median(values)  # CPU time
         summary[name] = round(ms, 2)
         rows.append([name, f"{ms:.1f}", f"{base * 1000 / ms:.2f}x" if base else "-"])
     print(f"MoE fwd+bwd, {args.tokens} tokens, hidden {args.hidden}, ffn {args.ffn}, {args.experts} experts, "
           f"top-{args.k}, {args.threads} thread(s), median of {args.rounds} rounds x {args.iters} iters")
-    print(format_table(["implementation", "ms", "speed-up vs DeepSpeed capacity"], rows))
+    print(format_table(["implementation", "CPU ms", "speed-up vs DeepSpeed capacity"], rows))
     print(json.dumps({"bench": "moe_layer", "tokens": args.tokens, "hidden": args.hidden, "ffn": args.ffn,
                       "experts": args.experts, "k": args.k, "threads": args.threads, "ms": summary}))
 
