@@ -212,3 +212,22 @@ def test_capacity_formula():
     assert compute_capacity(100, 8, 1, 1.0, 4) == math.ceil(100 / 8)
     assert compute_capacity(100, 8, 2, 1.25, 4) == math.ceil(2 * 100 / 8 * 1.25)
     assert compute_capacity(4, 8, 1, 1.0, 4) == 4
+
+
+def test_moe_param_group_helpers():
+    from deepscale.moe.utils import (configure_moe_param_groups, has_moe_layers, is_moe_param_group,
+                                     split_params_grads_into_shared_and_expert_params)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), MoE(8, torch.nn.Linear(8, 8), num_experts=4))
+    assert has_moe_layers(model) == (True, 4)
+    assert has_moe_layers(torch.nn.Linear(2, 2)) == (False, 0)
+    groups = configure_moe_param_groups(list(model.parameters()))
+    assert [g["name"] for g in groups] == ["dense-params", "dense-params_ep_size_1"]
+    assert [is_moe_param_group(g) for g in groups] == [False, True]
+    assert len(groups[1]["params"]) == 8
+    assert configure_moe_param_groups(list(groups)) == list(groups)  # already split: unchanged
+    out, l_aux, _ = model[1](model[0](torch.randn(4, 8)))
+    (out.sum() + l_aux).backward()
+    shared, expert = split_params_grads_into_shared_and_expert_params(list(model.parameters()))
+    assert len(expert) == 8 and len(shared) == 3
+    with pytest.raises(TypeError, match="non-empty list"):
+        configure_moe_param_groups(model.parameters())
