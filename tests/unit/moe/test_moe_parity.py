@@ -84,3 +84,44 @@ def _bf16_body(stage):
 def test_bf16_ep2_tracks_the_fp32_reference(stage):
     errors = run_distributed(_bf16_body, WORLD, args=(stage,), timeout=180)
     assert max(errors) < 2e-2, errors  # bf16 weights and activations: 8 bits of mantissa
+
+
+def _gas_body(stages):
+    import torch.distributed as dist
+    from moe._moe_models import MICRO_BS, MoENet, batch, build_engine, reference_state
+    rank = dist.get_rank()
+    # reference: each optimizer step averages 2 micro-batches on each of the 4 ranks
+    model = MoENet()
+    model.load_state_dict(reference_state())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = []
+    for step in range(2):
+        losses = [model(*batch(10 * step + m, r)) for r in range(WORLD) for m in range(2)]
+        opt.zero_grad()
+        (sum(losses) / len(losses)).backward()
+        opt.step()
+        ref.append(float(sum(losses) / len(losses)))
+    out = {}
+    for stage in stages:
+        engine = build_engine(stage, 2, extra_config={"train_batch_size": MICRO_BS * WORLD * 2,
+                                                      "gradient_accumulation_steps": 2})
+        mine = []
+        for step in range(2):
+            total = 0.0
+            for m in range(2):
+                loss = engine(*batch(10 * step + m, rank))
+                engine.backward(loss)
+                engine.step()
+                total += loss.item() / 2
+            summed = torch.tensor([total])
+            dist.all_reduce(summed)
+            mine.append(float(summed) / WORLD)
+        out[stage] = max(abs(a - b) / abs(b) for a, b in zip(mine, ref))
+        engine.destroy()
+    return out
+
+
+def test_gradient_accumulation_ep2():
+    for errors in run_distributed(_gas_body, WORLD, args=((0, 1, 2, 3),), timeout=240):
+        for stage, err in errors.items():
+            assert err < 1e-6, (stage, err)
