@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deepscale.ops.attention import attention
+
 IGNORE_INDEX = -100
 
 
@@ -62,12 +64,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=2)
-        # (batch, seq, width) -> (batch, heads, seq, head_dim)
-        q, k, v = (t.view(batch, seq, self.n_head, width // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(batch, seq, width)
+        # (batch, seq, width) -> (batch, seq, heads, head_dim): the layout of deepscale's fused
+        # attention (compiled CPU/CUDA kernels, PyTorch fallback with a logged reason).
+        q, k, v = (t.view(batch, seq, self.n_head, width // self.n_head) for t in (q, k, v))
+        y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.reshape(batch, seq, width)
         return self.resid_drop(self.proj(y))
 
 
