@@ -72,6 +72,10 @@ class GradientReducerSet:
         for part in self.parts:
             part.end_backward(sync)
 
+    def abort_backward(self) -> None:
+        for part in self.parts:
+            part.abort_backward()
+
     @property
     def has_pending_grads(self) -> bool:
         return any(part.has_pending_grads for part in self.parts)
