@@ -101,6 +101,9 @@ class MoE(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor,
                 used_token: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns ``(output, l_aux, exp_counts)`` (see the class docstring)."""
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(f"MoE: the input's last dimension is {hidden_states.shape[-1]} but hidden_size is "
+                             f"{self.hidden_size}")
         if not self._groups_ready and self.ep_size > 1:
             self.set_deepspeed_parallelism()
         output = self.deepspeed_moe(hidden_states, used_token)

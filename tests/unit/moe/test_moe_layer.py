@@ -231,3 +231,9 @@ def test_moe_param_group_helpers():
     assert len(expert) == 8 and len(shared) == 3
     with pytest.raises(TypeError, match="non-empty list"):
         configure_moe_param_groups(model.parameters())
+
+
+def test_input_width_must_match_hidden_size():
+    moe = MoE(8, torch.nn.Linear(8, 8), num_experts=2)
+    with pytest.raises(ValueError, match="hidden_size is 8"):
+        moe(torch.randn(3, 6))
