@@ -3,7 +3,7 @@
 (``sharded_moe.py``), and the parameter helpers optimizers import (``utils.py``)."""
 import importlib
 
-_SUBMODULES = ("layer", "sharded_moe", "experts", "gating", "all_to_all", "utils")
+_SUBMODULES = ("layer", "sharded_moe", "experts", "gating", "all_to_all", "utils", "hf")
 
 
 def __getattr__(name):

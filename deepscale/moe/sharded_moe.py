@@ -37,7 +37,8 @@ class MOELayer(torch.nn.Module):
     """Gate + experts + token exchange (DeepSpeed's ``MOELayer``).
 
     Args:
-        gate: the router (:class:`TopKGate`).
+        gate: the router (:class:`TopKGate`); None when the caller routes itself and calls
+            :meth:`dispatch` (``hf.py``).
         experts: the local experts (:class:`Experts`).
         ep_group_name: registry name of the expert process groups.
         ep_size: expert-parallel degree.
@@ -59,7 +60,8 @@ class MOELayer(torch.nn.Module):
 
     def _set_ep_group(self, ep_group) -> None:
         self.ep_group = ep_group
-        self.gate._set_ep_group(ep_group)
+        if self.gate is not None:
+            self.gate._set_ep_group(ep_group)
 
     def forward(self, hidden_states: torch.Tensor, used_token: Optional[torch.Tensor] = None) -> torch.Tensor:
         model_dim = hidden_states.shape[-1]
@@ -67,6 +69,12 @@ class MOELayer(torch.nn.Module):
         routing = self.gate(tokens, used_token)
         self.l_aux, self.exp_counts = routing.l_aux, routing.exp_counts
         self.last_routing = routing
+        out = self.dispatch(tokens, routing)
+        return out.reshape(hidden_states.shape[:-1] + (out.shape[-1],))
+
+    def dispatch(self, tokens: torch.Tensor, routing) -> torch.Tensor:
+        """Run the kept assignments of ``routing`` through the experts (on whichever rank holds
+        them) and return the ``[S, out]`` gate-weighted sums; ``tokens`` is ``[S, model_dim]``."""
         num_tokens, k = routing.expert_idx.shape
         flat_expert = routing.expert_idx.reshape(-1)
         kept = routing.keep.reshape(-1).nonzero().squeeze(1)
@@ -77,8 +85,7 @@ class MOELayer(torch.nn.Module):
         expert_out = self._run_experts(rows, counts)
         weights = routing.weights.reshape(-1)[kept].to(expert_out.dtype).unsqueeze(1)
         out = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
-        out = out.index_add(0, token_of, expert_out * weights)
-        return out.reshape(hidden_states.shape[:-1] + (expert_out.shape[-1],))
+        return out.index_add(0, token_of, expert_out * weights)
 
     def _run_experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if self.ep_size == 1:

@@ -45,27 +45,32 @@ def _loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-def _reference(kind, skew):
+def _reference(kind, skew, world=WORLD):
     model = _model(kind)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     losses = []
     for step in range(STEPS):
-        per_rank = [_loss(model, _batch(step, r, skew)) for r in range(WORLD)]
+        per_rank = [_loss(model, _batch(step, r, skew)) for r in range(world)]
         opt.zero_grad()
-        (sum(per_rank) / WORLD).backward()
+        (sum(per_rank) / world).backward()
         opt.step()
         losses.append([v.item() for v in per_rank])
     return losses
 
 
-def _body(kind, skew):
+def _body(kind, skew, ep_size=None, stage=3):
     import torch.distributed as dist
     import deepscale
-    ref = _reference(kind, skew)
+    ref = _reference(kind, skew, dist.get_world_size())
     model = _model(kind)
+    if ep_size is not None:
+        from deepscale.comm.expert_groups import clear_expert_groups
+        from deepscale.moe.hf import convert_hf_moe_experts
+        clear_expert_groups()
+        assert convert_hf_moe_experts(model, ep_size=ep_size) == 2  # one per layer
     config = {"train_micro_batch_size_per_gpu": BS, "optimizer": {"type": "SGD", "params": {"lr": 0.05}},
               "gradient_clipping": 0.0,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+              "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0}}
     engine, _, _, _ = deepscale.initialize(model=model, model_parameters=model.parameters(), config=config)
     rank = dist.get_rank()
     errors = []
@@ -83,3 +88,16 @@ def _body(kind, skew):
 def test_hf_moe_model_under_zero3_matches_single_process(kind, skew):
     errors = run_distributed(_body, WORLD, args=(kind, skew), timeout=180)
     assert max(errors) < 1e-5, errors
+
+
+@pytest.mark.parametrize("kind, stage", [("mixtral", 2), ("qwen2_moe", 3)])
+def test_converted_hf_experts_with_expert_parallelism_match_single_process(kind, stage):
+    """convert_hf_moe_experts: the same model with its experts split over EP=2 of 4 ranks."""
+    errors = run_distributed(_body, 4, args=(kind, True, 2, stage), timeout=240)
+    assert max(errors) < 1e-5, errors
+
+
+def test_convert_refuses_a_model_without_fused_experts():
+    from deepscale.moe.hf import convert_hf_moe_experts
+    with pytest.raises(ValueError, match="no fused experts"):
+        convert_hf_moe_experts(torch.nn.Linear(2, 2))
