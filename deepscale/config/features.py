@@ -253,7 +253,6 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     TuningOnlyKeys("", "DeepSpeed only uses it for a tensor-core alignment hint", keys=("vocabulary_size",)),
     TuningOnlyKeys("", "CUDA graph harvesting is not built yet", keys=("graph_harvesting",)),
     TuningOnlyKeys("", "Ulysses all-to-alls run in the activation dtype", keys=("seq_parallel_communication_data_type",)),
-    TuningOnlyKeys("", "mixture-of-experts (MoE) is not built yet", keys=("use_data_before_expert_parallelism",)),
     TuningOnlyKeys("", "it only applies with ZeRO-Offload, which is not built yet",
                    keys=("zero_force_ds_cpu_optimizer",)),
     TuningOnlyKeys("", "state dumps are not implemented yet", keys=("dump_state",)),

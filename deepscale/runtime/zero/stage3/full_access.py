@@ -27,12 +27,12 @@ class Stage3TensorAccess:
     def _gather(self, param, piece: torch.Tensor) -> torch.Tensor:
         """The full tensor (param's shape, fp32) from every rank's padded ``piece``."""
         piece = piece.detach().float().contiguous()
-        world = self._opt.world_size
+        world = param.ds_world_size  # expert parameters: their expert-data-parallel group
         if world == 1:
             full = piece.clone()
         else:
             full = torch.empty(world * piece.numel(), dtype=piece.dtype, device=piece.device)
-            dist.all_gather_into_tensor(full, piece, group=self._opt.group)
+            dist.all_gather_into_tensor(full, piece, group=param.ds_process_group)
         return full[:param.ds_numel].view(param.ds_shape)
 
     def _keep_piece(self, param, value: torch.Tensor, dest: torch.Tensor) -> None:

@@ -18,6 +18,8 @@ from typing import Dict, List, Optional
 import torch
 
 from deepscale import comm as dist
+from deepscale.comm.expert_groups import expert_groups_of_param
+from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.offload.param_offload import ParamOffload, param_offload_settings
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
@@ -85,17 +87,30 @@ class Stage3Optimizer(TrainingOptimizer):
         self.rank = dist.get_rank(group) if world_size > 1 else 0
         self._loss_scaler, self._clip_grad = loss_scaler, clip_grad
         self._module = module
-        self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
+        # expert parameters under their global expert names (checkpoint/expert_files.py)
+        self.param_names: Dict[torch.nn.Parameter, str] = checkpoint_param_names(module)
         self.debug = bool(debug) or debug_enabled_from_env()
         self.runner = CollectiveRunner(group, world_size, reduce_group=twin_group(group, world_size),
                                        check_reduces=self.debug)
+        # Expert parameters are partitioned over their expert-data-parallel group (expert_grads.py).
+        self._expert_runners = {}
+        for groups in sorted({g.name: g for g in filter(None, map(expert_groups_of_param, module.parameters()))
+                              }.values(), key=lambda g: g.name):
+            self._expert_runners[groups.name] = (groups, CollectiveRunner(
+                groups.edp_group, groups.edp_size, reduce_group=twin_group(groups.edp_group, groups.edp_size),
+                check_reduces=self.debug))
         self.group_params = self._trainable_per_group()
         fp32_shards = self._partition(module)
-        group_numel = min(int(bucket_numel), DEFAULT_GROUP_NUMEL)
+        group_numel = max(1, min(int(bucket_numel), DEFAULT_GROUP_NUMEL))
         if param_offload is not None and param_offload.max_group_numel(world_size):
             group_numel = min(group_numel, param_offload.max_group_numel(world_size))  # a shard fits a swap buffer
-        self.groups: List[ParamGroup] = build_groups(module, self.runner, max(1, group_numel),
-                                                     int(persistence_threshold), self.param_names)
+        self.groups: List[ParamGroup] = build_groups(module, self.runner, group_numel, int(persistence_threshold),
+                                                     self.param_names,
+                                                     include=lambda p: expert_groups_of_param(p) is None)
+        for name, (_, runner) in self._expert_runners.items():
+            self.groups += build_groups(module, runner, group_numel, int(persistence_threshold), self.param_names,
+                                        include=lambda p, n=name: getattr(expert_groups_of_param(p), "name", None) == n,
+                                        first_index=len(self.groups))
         self.param_offload = None if param_offload is None else ParamOffload(param_offload, self.groups, group,
                                                                               world_size, debug=self.debug)
         self._build_masters(fp32_shards)
@@ -129,10 +144,12 @@ class Stage3Optimizer(TrainingOptimizer):
         managed = {id(p) for params in self.group_params for p in params}
         fp32 = {}
         for param, name in self.param_names.items():
+            group, world_size, rank = self._comm_of(param)
             if is_zero_param(param):
-                if param.ds_world_size != self.world_size:
+                if param.ds_world_size != world_size:
                     raise ValueError(f"parameter {name} was partitioned by zero.Init over {param.ds_world_size} "
-                                     f"ranks but the engine's data-parallel group has {self.world_size}")
+                                     f"ranks but its data-parallel group has {world_size} (expert parameters are "
+                                     "partitioned over their expert-data-parallel group)")
                 if id(param) in managed:
                     fp32[id(param)] = param.ds_tensor.detach().float().clone()
                 if param.ds_tensor.dtype != self.model_dtype:
@@ -140,9 +157,16 @@ class Stage3Optimizer(TrainingOptimizer):
                     param.data = torch.empty(0, dtype=self.model_dtype, device=param.ds_tensor.device)
                 continue
             if id(param) in managed:
-                fp32[id(param)] = take_shard(param.data.float(), self.rank, self.world_size)
-            partition_param(param, self.group, self.world_size, self.rank, dtype=self.model_dtype)
+                fp32[id(param)] = take_shard(param.data.float(), rank, world_size)
+            partition_param(param, group, world_size, rank, dtype=self.model_dtype)
         return fp32
+
+    def _comm_of(self, param) -> tuple:
+        """``(group, world_size, rank)`` that partitions ``param``."""
+        groups = expert_groups_of_param(param)
+        if groups is None:
+            return self.group, self.world_size, self.rank
+        return groups.edp_group, groups.edp_size, groups.edp_rank
 
     def _build_masters(self, fp32_shards: Dict[int, torch.Tensor]) -> None:
         self._masters: List[Optional[torch.Tensor]] = []
@@ -298,7 +322,8 @@ class Stage3Optimizer(TrainingOptimizer):
         self.coordinator.training.to(TrainingState.STEP)
         try:
             applied = super().step()
-            self.runner.step += 1
+            for runner in [self.runner] + [r for _, r in self._expert_runners.values()]:
+                runner.step += 1
         finally:
             self.coordinator.training.to(TrainingState.IDLE)
         return applied
@@ -358,7 +383,7 @@ class Stage3Optimizer(TrainingOptimizer):
         for index, params in enumerate(self.group_params):
             for param in params:
                 _, offset, _ = self._slots[id(param)]
-                begin, end = shard_range(param.ds_numel, self.rank, self.world_size)
+                begin, end = shard_range(param.ds_numel, param.ds_rank, param.ds_world_size)
                 if end > begin:
                     out.append(OwnedFragment(self.param_names[param], tuple(param.ds_shape), begin, end - begin,
                                              self._masters[index], offset, index))
