@@ -115,9 +115,6 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("zero_optimization.offload_optimizer.device", _offloaded, "ZeRO-Offload of optimizer states",
                        "set it to 'none' or remove offload_optimizer", scope="zero_optimization.offload_optimizer",
                        values=("none", "cpu", "nvme")),
-    UnavailableFeature("zero_optimization.offload_param.device", _offloaded, "ZeRO-Offload of parameters",
-                       "set it to 'none' or remove offload_param", scope="zero_optimization.offload_param",
-                       values=("none", "cpu", "nvme")),
     # Stage 3 reduce-scatters without the pre-division (the averaged gradient is the same), and it
     # tolerates parameters that get no gradient; refusing beats silently doing something else.
     UnavailableFeature("prescale_gradients", _on, "gradient pre-division in the ZeRO stage 3 reduce-scatter",
@@ -136,10 +133,7 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     _off("bf16.bf16_optimizer_states", "bf16 optimizer states (optimizer state kept in bf16, not fp32)"),
     UnavailableFeature("amp.enabled", _on, "NVIDIA Apex AMP", "use fp16 or bf16 instead"),
     UnavailableFeature("torch_autocast.enabled", _on, "torch.autocast mixed precision", "use fp16 or bf16 instead"),
-    UnavailableFeature("pipeline.stages", _above_one, "pipeline parallelism", "use 1 or 'auto'",
-                       values=("auto", 1, 2, 4)),
     _off("hybrid_engine.enabled", "the hybrid engine"),
-    _off("flops_profiler.enabled", "the flops profiler"),
     *[UnavailableFeature(f"compression_training.{t}.shared_parameters.enabled", _on, f"compression training ({t})",
                          "set it to false", scope="compression_training") for t in COMPRESSION_TECHNIQUES],
     _off("compression_training.layer_reduction.enabled", "compression training (layer_reduction)"),
@@ -214,7 +208,7 @@ ZERO_KEYS_IGNORED = [
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stage 3 only", zero_stages=frozenset({1, 2}),
                    keys=_zero_keys("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters",
                                    "max_reuse_distance", "gather_16bit_weights_on_model_save",
-                                   "debug_sequence_check",
+                                   "debug_sequence_check", "offload_param",
                                    "stage3_gather_fp16_weights_on_model_save")),
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stages 1-2 only (stage 3 gathers parameters by module "
                    "and always overlaps its reduce-scatters with backward)", zero_stages=frozenset({3}),
@@ -243,7 +237,11 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
                    "automatically, so it is not needed", keys=("load_universal",)),
     TuningOnlyKeys("checkpoint", "this checkpoint option is not implemented yet"),
     TuningOnlyKeys("timers", "the throughput timer options are not implemented yet"),
-    TuningOnlyKeys("pipeline", "pipeline parallelism is not built yet", except_keys=("stages",)),
+    TuningOnlyKeys("pipeline", "PipelineModule's arguments decide it (partition_method, seed_layers, "
+                   "activation_checkpoint_interval), as in DeepSpeed",
+                   keys=("partition", "seed_layers", "activation_checkpoint_interval", "use_reentrant")),
+    TuningOnlyKeys("pipeline", "activations cross stages whole (they are only partitioned over a tensor-parallel "
+                   "group, which the pipeline engine does not use yet)", keys=("pipe_partitioned", "grad_partitioned")),
     TuningOnlyKeys("tensor_parallel", "training AutoTP keeps the engine's precision (fp16/bf16 sections) and "
                    "has no kernel injection", except_keys=("autotp_size", "tp", "tensor_parallel")),
     *[TuningOnlyKeys(f"tensor_parallel.{name}", "AutoTP splits heads and features as evenly as the layout allows",
@@ -255,7 +253,6 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     TuningOnlyKeys("", "DeepSpeed only uses it for a tensor-core alignment hint", keys=("vocabulary_size",)),
     TuningOnlyKeys("", "CUDA graph harvesting is not built yet", keys=("graph_harvesting",)),
     TuningOnlyKeys("", "Ulysses all-to-alls run in the activation dtype", keys=("seq_parallel_communication_data_type",)),
-    TuningOnlyKeys("", "mixture-of-experts (MoE) is not built yet", keys=("use_data_before_expert_parallelism",)),
     TuningOnlyKeys("", "it only applies with ZeRO-Offload, which is not built yet",
                    keys=("zero_force_ds_cpu_optimizer",)),
     TuningOnlyKeys("", "state dumps are not implemented yet", keys=("dump_state",)),

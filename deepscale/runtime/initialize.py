@@ -63,6 +63,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         from deepscale.utils import groups
         groups.mpu = mpu  # DeepSpeed clients ask deepscale.utils.groups for the data-parallel group
     dp_world_size = mpu.get_data_parallel_world_size() if mpu is not None else dist.get_world_size()
+    if _is_pipeline_module(model):  # its topology gives the data-parallel degree; the pipeline engine runs it
+        from deepscale.runtime.pipe.engine import PipelineEngine as Engine  # noqa: F811
+        dp_world_size = max(model.topology().get_dim("data"), 1)
     ds_config = DeepScaleConfig.from_source(config=config, config_params=config_params, args=args,
                                             dp_world_size=dp_world_size)
     if ds_config.zero_stage > 0 and optimizer is None and ds_config.optimizer is None:
@@ -80,3 +83,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                     f"micro_batch={ds_config.train_micro_batch_size_per_gpu} "
                     f"grad_accum={ds_config.gradient_accumulation_steps} dtype={engine.model_dtype}")
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def _is_pipeline_module(model) -> bool:
+    from deepscale.runtime.pipe.module import PipelineModule
+    return isinstance(model, PipelineModule)

@@ -51,6 +51,9 @@ class TrainingOptimizer:
     #: set by the engine under tensor parallelism (a :class:`TensorParallelNorm`)
     tensor_parallel: Optional[TensorParallelNorm] = None
     _backward_since_step = False
+    #: Optional ``f(squares) -> squares`` applied to the data-parallel sum of squared gradient norms:
+    #: the pipeline engine adds the other stages' share (and drops tied duplicates) here.
+    reduce_norm_squares = None
 
     # --- subclass parts -------------------------------------------------------------------
     def _attach_step_grads(self) -> List[torch.Tensor]:
@@ -81,6 +84,8 @@ class TrainingOptimizer:
             dist.all_reduce(squares, group=tp.group)
         if self.grads_partitioned and self.world_size > 1:
             dist.all_reduce(squares, group=self.group)
+        if self.reduce_norm_squares is not None:
+            squares = self.reduce_norm_squares(squares)
         return squares.sqrt().float()
 
     def step(self) -> bool:
@@ -107,6 +112,11 @@ class TrainingOptimizer:
         return self.precision.loss_scale if self.precision is not None else 1.0
 
     cur_scale = loss_scale
+
+    @property
+    def overflow(self) -> bool:
+        """True when the last step was skipped for a non-finite gradient."""
+        return self.precision.last_overflow if self.precision is not None else False
 
     @property
     def last_grad_norm(self):
