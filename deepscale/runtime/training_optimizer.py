@@ -73,20 +73,25 @@ class TrainingOptimizer:
     # --- the step -------------------------------------------------------------------------
     def global_grad_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
         """Global L2 norm of the gradients (still loss-scaled) as a 0-dim fp32 tensor."""
-        squares = squared_norm(grads)
-        tp = self.tensor_parallel
-        if tp is not None and tp.size > 1:
-            # Sharded gradients differ across tensor-parallel ranks, replicated ones are equal:
-            # each rank adds its shards and 1/tp of the replicated squares, then the group sums.
-            parts = self._local_grad_parts(tp.replicated)
-            if parts:
-                squares = squares - squared_norm(parts) * ((tp.size - 1) / tp.size)
-            dist.all_reduce(squares, group=tp.group)
+        squares = self._sum_over_tensor_parallel(squared_norm(grads))
         if self.grads_partitioned and self.world_size > 1:
             dist.all_reduce(squares, group=self.group)
         if self.reduce_norm_squares is not None:
             squares = self.reduce_norm_squares(squares)
         return squares.sqrt().float()
+
+    def _sum_over_tensor_parallel(self, squares: torch.Tensor) -> torch.Tensor:
+        """This rank's squared norm -> the tensor-parallel group's, each replicated gradient once."""
+        tp = self.tensor_parallel
+        if tp is None or tp.size <= 1:
+            return squares
+        # Sharded gradients differ across tensor-parallel ranks, replicated ones are equal:
+        # each rank adds its shards and 1/tp of the replicated squares, then the group sums.
+        parts = self._local_grad_parts(tp.replicated)
+        if parts:
+            squares = squares - squared_norm(parts) * ((tp.size - 1) / tp.size)
+        dist.all_reduce(squares, group=tp.group)
+        return squares
 
     def step(self) -> bool:
         """Unscale, clip, check and apply the accumulated gradients. Returns True if applied."""
