@@ -241,6 +241,7 @@ class PipelineEngine(Engine):
     def reduce_tied_grads(self) -> None:
         """Sum the gradients of tied parameters over the stages that hold them."""
         duplicate = torch.zeros((), dtype=torch.float32, device=self.device)
+        tp_size = self.grid.get_model_parallel_world_size()
         for key in sorted(self.grid.tied_groups):
             group = self.grid.tied_groups[key]
             if group is None:
@@ -254,7 +255,12 @@ class PipelineEngine(Engine):
                 dist.all_reduce(grad, group=group)
                 access.set_full_grad(param, grad)
                 if not owner:
-                    duplicate += grad.float().pow(2).sum()
+                    # Counted like the global norm counts it: a tensor-parallel shard once per shard,
+                    # a replicated weight once over the tensor-parallel group (summed below).
+                    share = 1.0 if getattr(param, "tensor_model_parallel", False) else 1.0 / tp_size
+                    duplicate += grad.float().pow(2).sum() * share
+        if tp_size > 1:
+            dist.all_reduce(duplicate, group=self.grid.tp_group)
         self._tied_duplicate_squares = duplicate
 
     def _reduce_norm_squares(self, squares: torch.Tensor) -> torch.Tensor:

@@ -147,3 +147,70 @@ def build_3d_engine(zero_stage: int, use_mpu: bool):
     model.load_state_dict(shard_state_dict(model, whole), strict=True)
     engine, *_ = deepscale.initialize(model=model, config=config(zero_stage, not use_mpu), mpu=mpu)
     return engine
+
+
+# --- a tied language model: vocabulary-parallel embedding shared with the LM head across stages ---
+VOCAB, SEQ = 12, 3
+
+
+def lm_head(embedding, x):
+    """Logits of this rank's vocabulary slice from the (tied) embedding weight."""
+    from deepscale.parallel.mappings import copy_to_region
+    return torch.nn.functional.linear(copy_to_region(x, embedding.tp_group), embedding.weight)
+
+
+def vocab_parallel_loss(logits, labels, tp_group, vocab_start):
+    from deepscale.parallel import vocab_parallel_cross_entropy
+    return vocab_parallel_cross_entropy(logits, labels, tp_group, vocab_start, reduction="mean")
+
+
+def tied_lm_specs(tp_group):
+    from deepscale.parallel import VocabParallelEmbedding
+    from deepscale.pipe import LayerSpec, TiedLayerSpec
+    return ([TiedLayerSpec("embed", VocabParallelEmbedding, VOCAB, WIDTH, tp_group=tp_group)]
+            + [LayerSpec(TPBlock, tp_group) for _ in range(2)]
+            + [TiedLayerSpec("embed", VocabParallelEmbedding, VOCAB, WIDTH, tp_group=tp_group, forward_fn=lm_head)])
+
+
+class DenseTiedLM(torch.nn.Module):
+    """The tied LM on one process, its state-dict names those of the PipelineModule."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(11)
+        self.tied_modules = torch.nn.ModuleDict({"embed": torch.nn.Embedding(VOCAB, WIDTH)})
+        self.add_module("1", TPBlock(dense=True))
+        self.add_module("2", TPBlock(dense=True))
+
+    def forward(self, ids):
+        weight = self.tied_modules["embed"].weight
+        x = self._modules["2"](self._modules["1"](torch.nn.functional.embedding(ids, weight)))
+        return x @ weight.t()
+
+
+def lm_batch(step: int):
+    g = torch.Generator().manual_seed(200 + step)
+    ids = torch.randint(0, VOCAB, (MICRO * GAS * DP, SEQ + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def lm_rank_iterator(step: int, dp_rank: int):
+    ids, labels = lm_batch(step)
+    for m in range(GAS):
+        lo = (dp_rank * GAS + m) * MICRO
+        yield ids[lo:lo + MICRO], labels[lo:lo + MICRO]
+
+
+def lm_reference_training(steps: int = STEPS):
+    model = DenseTiedLM()
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    losses, norms = [], []
+    for step in range(steps):
+        ids, labels = lm_batch(step)
+        loss = torch.nn.functional.cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
+        opt.step()
+        losses.append(loss.item())
+    return losses, norms, model

@@ -37,8 +37,8 @@ def _parity_body(zero_stage, use_mpu):
     return losses, norms, final
 
 
-def _check_parity(results):
-    ref_losses, ref_norms, ref_model = reference_training()
+def _check_parity(results, reference=reference_training):
+    ref_losses, ref_norms, ref_model = reference()
     assert max(ref_norms) > CLIP, "clipping must be active for the norm to matter"
     ref = ref_model.state_dict()
     seen = set()
@@ -56,3 +56,36 @@ def _check_parity(results):
 def test_tp2_pp2_dp2_parity(zero_stage, use_mpu):
     """ZeRO-1 with the grid built from the config and topology; ZeRO-2 with a user's Megatron-style mpu."""
     _check_parity(run_distributed(_parity_body, TP * PP * DP, args=(zero_stage, use_mpu)))
+
+
+def _tied_body(zero_stage):
+    import functools
+    import deepscale
+    from _3d_models import DenseTiedLM, config, lm_rank_iterator, tied_lm_specs, vocab_parallel_loss
+    from deepscale.parallel import build_parallel_grid, reset_parallel_grid
+    from deepscale.parallel.state_dict import full_state_dict, shard_state_dict
+    from deepscale.pipe import PipeModelDataParallelTopology, PipelineModule
+    reset_parallel_grid()
+    grid = build_parallel_grid(tp=TP, pp=PP)
+    group = grid.get_model_parallel_group()
+    model = PipelineModule(tied_lm_specs(group), topology=PipeModelDataParallelTopology(PP, TP, DP),
+                           partition_method="uniform", loss_fn=None)
+    embedding = model.tied_modules["embed"]
+    model.loss_fn = functools.partial(vocab_parallel_loss, tp_group=group, vocab_start=embedding.vocab_start)
+    local = model.state_dict()
+    model.load_state_dict(shard_state_dict(model, {k: v for k, v in DenseTiedLM().state_dict().items()
+                                                   if k in local}), strict=True)
+    engine, *_ = deepscale.initialize(model=model, config=config(zero_stage, True))
+    losses, norms = [], []
+    for step in range(STEPS):
+        it = lm_rank_iterator(step, engine.grid.data_parallel_id)
+        losses.append(float(engine.train_batch(it if engine.is_first_stage() or engine.is_last_stage() else None)))
+        norms.append(float(engine.get_global_grad_norm()))
+    return losses, norms, full_state_dict(engine.module)
+
+
+def test_tied_vocab_parallel_embedding_across_stages():
+    """The embedding (sharded over the vocabulary) and the LM head share a weight across the two stages:
+    its gradient is summed over the stages and the global norm counts each of its shards once."""
+    from _3d_models import lm_reference_training
+    _check_parity(run_distributed(_tied_body, TP * PP * DP, args=(1,)), lm_reference_training)
