@@ -54,8 +54,11 @@ def check_mpu_layout(mpu, topology) -> None:
         want_rank = coord.get(ds_axis, 0)
         size = _call_first(mpu, size_names, axis)
         rank = _call_first(mpu, rank_names, axis)
-        if size == -1 and want_size == 1:
-            continue
+        if size == -1:  # no pipeline accessors: fine for a single stage only
+            if want_size == 1:
+                continue
+            raise TypeError(f"deepscale.initialize(mpu=...): the PipelineModule has {want_size} stages but the mpu "
+                            f"({type(mpu).__name__}) has none of {', '.join(size_names)}")
         if size != want_size or rank != want_rank:
             raise ValueError(
                 f"deepscale.initialize(mpu=...): the mpu puts rank {dist.get_rank()} at {ds_axis} coordinate {rank} "

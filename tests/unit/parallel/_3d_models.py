@@ -46,27 +46,31 @@ def step_batch(step: int):
     return torch.randn(rows, WIDTH, generator=g), torch.randn(rows, OUT, generator=g)
 
 
-def rank_iterator(step: int, dp_rank: int, gas: int = GAS):
+def rank_iterator(step: int, dp_rank: int, gas: int = GAS, batch_fn=None):
     """The micro-batches of data-parallel rank ``dp_rank`` (``gas`` of them) in step ``step``'s batch."""
-    x, y = step_batch(step)
+    x, y = (batch_fn or step_batch)(step)
     for m in range(gas):
         lo = (dp_rank * gas + m) * MICRO
         yield x[lo:lo + MICRO], y[lo:lo + MICRO]
 
 
-def reference_training(steps: int = STEPS):
-    model = dense_reference()
+def train_reference(model, batch_fn, loss_fn, steps: int = STEPS):
+    """SGD with momentum and clipping on one process: (losses, gradient norms, model)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     losses, norms = [], []
     for step in range(steps):
-        x, y = step_batch(step)
-        loss = mse(model(x), y)
+        inputs, labels = batch_fn(step)
+        loss = loss_fn(model(inputs), labels)
         opt.zero_grad()
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
         opt.step()
         losses.append(loss.item())
     return losses, norms, model
+
+
+def reference_training(steps: int = STEPS):
+    return train_reference(dense_reference(), step_batch, mse, steps)
 
 
 class MegatronStyleMpu:
@@ -195,22 +199,10 @@ def lm_batch(step: int):
 
 
 def lm_rank_iterator(step: int, dp_rank: int):
-    ids, labels = lm_batch(step)
-    for m in range(GAS):
-        lo = (dp_rank * GAS + m) * MICRO
-        yield ids[lo:lo + MICRO], labels[lo:lo + MICRO]
+    return rank_iterator(step, dp_rank, batch_fn=lm_batch)
 
 
 def lm_reference_training(steps: int = STEPS):
-    model = DenseTiedLM()
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    losses, norms = [], []
-    for step in range(steps):
-        ids, labels = lm_batch(step)
-        loss = torch.nn.functional.cross_entropy(model(ids).reshape(-1, VOCAB), labels.reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
-        opt.step()
-        losses.append(loss.item())
-    return losses, norms, model
+    def xent(logits, labels):
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels.reshape(-1))
+    return train_reference(DenseTiedLM(), lm_batch, xent, steps)
