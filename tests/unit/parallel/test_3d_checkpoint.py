@@ -1,6 +1,7 @@
 """3D checkpoints are independent of the parallel layout: saved at TP=2 x PP=2 x DP=2 (ZeRO-1), they
 load into the dense layers at TP=1 without pipelining (a plain engine) and at TP=1 x PP=2, with the
-same next-step loss (fp32, rtol 1e-5); ``zero_to_fp32`` returns the whole, unsharded weights."""
+same next-step loss (fp32, rtol 1e-5); at the same layout the optimizer state (momentum) comes back
+too; ``zero_to_fp32`` returns the whole, unsharded weights."""
 import torch
 
 from dist_harness import run_distributed
@@ -10,16 +11,28 @@ SAVED_STEPS = 2
 
 
 def _save_body(path):
-    from _3d_models import build_3d_engine, rank_iterator
+    from _3d_models import build_3d_engine
     from deepscale.parallel.state_dict import full_state_dict
     engine = build_3d_engine(zero_stage=1, use_mpu=False)
-    feeds = engine.is_first_stage() or engine.is_last_stage()
-    for step in range(SAVED_STEPS):
-        engine.train_batch(rank_iterator(step, engine.grid.data_parallel_id) if feeds else None)
+    _train_steps(engine, start=0, count=SAVED_STEPS)
     engine.save_checkpoint(path, tag="3d")
     saved = full_state_dict(engine.module)
-    next_loss = float(engine.train_batch(rank_iterator(SAVED_STEPS, engine.grid.data_parallel_id) if feeds else None))
-    return next_loss, saved
+    next_loss, after = _train_steps(engine)
+    return next_loss, saved, after
+
+
+def _train_steps(engine, start=SAVED_STEPS, count=2):
+    from _3d_models import rank_iterator
+    feeds = engine.is_first_stage() or engine.is_last_stage()
+    return [float(engine.train_batch(rank_iterator(step, engine.grid.data_parallel_id) if feeds else None))
+            for step in range(start, start + count)]
+
+
+def _same_layout_body(path):
+    from _3d_models import build_3d_engine
+    engine = build_3d_engine(zero_stage=1, use_mpu=False)
+    engine.load_checkpoint(path, tag="3d")
+    return _train_steps(engine)
 
 
 def _plain_body(path):
@@ -57,10 +70,15 @@ def _merged(states):
 
 def test_3d_checkpoint_loads_at_tp1_without_pipelining(tmp_path):
     saved = run_distributed(_save_body, TP * PP * DP, args=(str(tmp_path),))
-    next_losses = {loss for loss, _ in saved}
+    next_losses = {(loss, after) for loss, _, after in saved}
     assert len(next_losses) == 1, f"ranks disagree on the loss: {next_losses}"
-    next_loss = next_losses.pop()
-    whole = _merged(state for _, state in saved)
+    next_loss, after = next_losses.pop()
+    whole = _merged(state for _, state, _ in saved)
+
+    # The same layout restores the optimizer state too (per tensor rank): two more steps match,
+    # the second one depending on the saved momentum.
+    for losses in run_distributed(_same_layout_body, TP * PP * DP, args=(str(tmp_path),)):
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor([next_loss, after]), rtol=RTOL, atol=ATOL)
 
     (plain_loss, plain_state, fp32), = run_distributed(_plain_body, 1, args=(str(tmp_path),))
     torch.testing.assert_close(torch.tensor(plain_loss), torch.tensor(next_loss), rtol=RTOL, atol=ATOL)
