@@ -61,13 +61,15 @@ def test_tp2_pp2_dp2_parity(zero_stage, use_mpu):
 def _tied_body(zero_stage):
     import functools
     import deepscale
-    from _3d_models import DenseTiedLM, config, lm_rank_iterator, tied_lm_specs, vocab_parallel_loss
-    from deepscale.parallel import build_parallel_grid, reset_parallel_grid
+    import torch.distributed as dist
+    from _3d_models import (DenseTiedLM, MegatronStyleMpu, config, lm_rank_iterator, tied_lm_specs,
+                            vocab_parallel_loss)
+    from deepscale.parallel import get_parallel_grid, reset_parallel_grid
     from deepscale.parallel.state_dict import full_state_dict, shard_state_dict
     from deepscale.pipe import PipeModelDataParallelTopology, PipelineModule
     reset_parallel_grid()
-    grid = build_parallel_grid(tp=TP, pp=PP)
-    group = grid.get_model_parallel_group()
+    # Tensor groups made by hand and no mpu given: initialize() builds the grid from the topology.
+    group = MegatronStyleMpu(dist.get_rank()).get_model_parallel_group()
     model = PipelineModule(tied_lm_specs(group), topology=PipeModelDataParallelTopology(PP, TP, DP),
                            partition_method="uniform", loss_fn=None)
     embedding = model.tied_modules["embed"]
@@ -76,6 +78,10 @@ def _tied_body(zero_stage):
     model.load_state_dict(shard_state_dict(model, {k: v for k, v in DenseTiedLM().state_dict().items()
                                                    if k in local}), strict=True)
     engine, *_ = deepscale.initialize(model=model, config=config(zero_stage, True))
+    grid = get_parallel_grid()
+    assert grid is not None and grid.topology.degrees == {"pp": PP, "dp": DP, "ep": 1, "sp": 1, "tp": TP}
+    assert engine.grid.tp_group is grid.get_model_parallel_group()
+    assert engine.grid.dp_group is grid.get_data_parallel_group()
     losses, norms = [], []
     for step in range(STEPS):
         it = lm_rank_iterator(step, engine.grid.data_parallel_id)
@@ -86,6 +92,7 @@ def _tied_body(zero_stage):
 
 def test_tied_vocab_parallel_embedding_across_stages():
     """The embedding (sharded over the vocabulary) and the LM head share a weight across the two stages:
-    its gradient is summed over the stages and the global norm counts each of its shards once."""
+    its gradient is summed over the stages and the global norm counts each of its shards once. No
+    grid is registered beforehand: initialize() builds it from the topology and the config."""
     from _3d_models import lm_reference_training
     _check_parity(run_distributed(_tied_body, TP * PP * DP, args=(1,)), lm_reference_training)
