@@ -268,6 +268,13 @@ def test_hugging_face_gpt2_matches_the_analytic_forward():
     assert 2 * macs == 2 * tokens * (layers * 12 * d * d + vocab * d) + layers * 4 * batch * seq * seq * d
     assert params == sum(p.numel() for p in model.parameters()) and model.lm_head.weight is model.transformer.wte.weight
     assert flops == pytest.approx(2 * macs, rel=0.03)
+    # mode="generate": every forward of the generation loop (prefill, then one token at a time with the cache).
+    prompt = ids[:1, :8]
+    single = get_model_profile(model, args=[prompt], print_profile=False, as_string=False)[0]
+    generated = get_model_profile(model, args=[prompt], kwargs={"max_new_tokens": 3, "min_new_tokens": 3,
+                                                                "do_sample": False, "pad_token_id": 0},
+                                  mode="generate", print_profile=False, as_string=False)[0]
+    assert single < generated < 2 * single
 
 
 def test_peak_flops_table_and_override(monkeypatch):
