@@ -12,6 +12,10 @@ import torch
 
 from deepscale.accelerator import get_accelerator
 from deepscale.profiling.flops_profiler import units
+# DeepSpeed's profiler module also holds the string helpers; code imports them from there.
+from deepscale.profiling.flops_profiler.units import (bytes_to_string, duration_to_string,  # noqa: F401
+                                                      flops_to_string, macs_to_string, number_to_string,
+                                                      params_to_string)
 from deepscale.profiling.flops_profiler.counting import OpCounter, warm_up_dispatch
 from deepscale.utils.logging import logger
 
@@ -328,3 +332,12 @@ def _duration(module: torch.nn.Module, own) -> float:
     if duration == 0.0:
         duration = sum(_duration(child, own) for child in module.children())
     return duration
+
+
+def __getattr__(name):
+    # ``from deepspeed.profiling.flops_profiler.profiler import get_model_profile`` (its home there);
+    # resolved lazily because model_profile imports this module.
+    if name == "get_model_profile":
+        from deepscale.profiling.flops_profiler.model_profile import get_model_profile
+        return get_model_profile
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

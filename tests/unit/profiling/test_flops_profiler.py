@@ -340,3 +340,26 @@ def test_lenet5_figures_that_deepspeed_users_check():
     assert params == 61706
     assert macs == 426516480  # exactly: conv and linear MACs
     assert abs(flops - 866076672) / 866076672 < 0.05
+
+
+def test_deepspeed_import_paths_resolve_through_the_alias(tmp_path):
+    # With the import swapped (the compat shim's alias), DeepSpeed's module paths reach this profiler.
+    import os
+    import subprocess
+    import sys
+
+    package = tmp_path / "deepspeed"
+    package.mkdir()
+    (package / "__init__.py").write_text("from deepscale.compat.deepspeed_alias import install_alias\n"
+                                         "install_alias(globals(), '0.19.8+deepscale')\n")
+    code = ("import torch\n"
+            "from deepspeed.profiling.flops_profiler import FlopsProfiler, get_model_profile\n"
+            "from deepspeed.profiling.flops_profiler.profiler import get_model_profile as gmp, number_to_string\n"
+            "import deepscale.profiling.flops_profiler as ours\n"
+            "assert FlopsProfiler is ours.FlopsProfiler and gmp is ours.get_model_profile\n"
+            "print(gmp(torch.nn.Linear(4, 4, bias=False), input_shape=(2, 4), print_profile=False))\n")
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), repo]))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "('64 ', '32 MACs', '16')" in proc.stdout
