@@ -69,6 +69,9 @@ class DataParallelOptimizer(TrainingOptimizer):
     def prepare_backward(self, sync: bool) -> None:
         self.reducer.begin_backward(sync)
 
+    def abort_backward(self) -> None:
+        self.reducer.abort_backward()
+
     def finish_backward(self, sync: bool) -> None:
         self.reducer.end_backward(sync)
         self._note_backward()
@@ -89,6 +92,10 @@ class DataParallelOptimizer(TrainingOptimizer):
                 self.precision.set_master_grad(param, self.reducer.grad_view(param))
         # The flat buffer holds every gradient: its norm is one reduction.
         return [self.reducer.buffer]
+
+    def _local_grad_parts(self, params):
+        managed = set(self.reducer.params)
+        return [self.reducer.grad_view(p) for p in params if p in managed]
 
     def zero_grad(self) -> None:
         if self.precision is not None:

@@ -182,6 +182,9 @@ class ZeroOptimizer(TrainingOptimizer):
     def prepare_backward(self, sync: bool) -> None:
         self.grads.begin_backward(reducing=sync or self.stage == 2)
 
+    def abort_backward(self) -> None:
+        self.grads.abort_backward()
+
     def finish_backward(self, sync: bool) -> None:
         missing = self.grads.finish_backward(sync)
         self._note_backward()
@@ -200,6 +203,18 @@ class ZeroOptimizer(TrainingOptimizer):
         for master, grad in zip(self._masters, grads):
             master.grad = grad if grad.dtype == torch.float32 else grad.float()
         return grads
+
+    def _local_grad_parts(self, params) -> List[torch.Tensor]:
+        parts = []
+        for param in params:
+            try:
+                bucket, position = self.grads.location(param)
+            except KeyError:  # frozen or not managed here
+                continue
+            frag = bucket.plan.fragment(self.rank, position)
+            if frag is not None:
+                parts.append(bucket.own_grad[frag.chunk_offset:frag.chunk_offset + frag.numel])
+        return parts
 
     def _publish_masters(self) -> None:
         self.all_gather_params()

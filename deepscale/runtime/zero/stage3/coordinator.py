@@ -22,6 +22,14 @@ saves a whole all-gather per step. Only trainable groups under grad mode are kep
 end releases them as always, and the step releases any still gathered (a forward without a
 backward) when it publishes the new shards, so no stale value outlives a step.
 
+Note: other backwards. A backward the owning engine did not start (a GAN's generator loss
+flowing back through this discriminator, or a plain ``loss.backward()``) still gathers the groups
+its modules need, but takes no gradient: they stay in ``param.grad``, as in PyTorch, where the
+user's ``zero_grad()`` clears them or the engine's next backward adds to them before reducing.
+Nothing ends such a backward, so the engine's next forward, backward or step closes it
+(``close_stray_backward``): outside a running autograd pass a coordinator still in BACKWARD can
+only be left from one.
+
 Note: gradients, in an order every rank shares. When every trainable parameter of a group has
 its gradient accumulated in a backward, the group is ready and released. Reduce-scatters are
 launched strictly in one order, the same on every rank: the groups by descending first position
@@ -87,6 +95,7 @@ class ParamCoordinator:
         self._reduce_order: List[int] = []
         self._launched = 0  # how many groups of _reduce_order this backward has reduced
         self._ready: set = set()
+        self.armed = False  # the owning engine's own backward is running (see the Note on other backwards)
 
     # --- gather / release -----------------------------------------------------------------
     def fetch(self, group: ParamGroup) -> None:
@@ -122,7 +131,25 @@ class ParamCoordinator:
             self.release(group, force=True)
 
     # --- forward --------------------------------------------------------------------------
+    def close_stray_backward(self) -> None:
+        """End a backward that this engine did not finish (another engine's backward through this
+        model, or one that raised): release its groups and go back to idle. A no-op inside a
+        running backward (a recompute under activation checkpointing) or when idle."""
+        if self.training != TrainingState.BACKWARD or torch._C._current_graph_task_id() != -1:
+            return
+        logger.debug("ZeRO-3: closing a backward the engine did not run (another engine's, or one that raised)")
+        self.armed = False
+        for group in self.groups:
+            group.backward_done = False
+            group.reported.clear()
+            group.users = 0
+            self.release(group, force=True)
+        self.module_stack.clear()
+        self.running_hooks.clear()
+        self.training.to(TrainingState.IDLE)
+
     def begin_forward(self) -> None:
+        self.close_stray_backward()
         if self.training == TrainingState.FORWARD:  # the previous forward raised
             logger.debug("ZeRO-3: a forward began before the previous one ended; releasing its groups")
             self.release_all()
@@ -267,6 +294,11 @@ class ParamCoordinator:
         """Post-accumulate-grad hook: reduce the group once all its trainable gradients are in."""
         group.reported.add(id(param))
         if len(group.reported) < len(self.trainable_of[group.index]):
+            return
+        if not self.armed:  # another backward: the gradients stay in param.grad (see the Note)
+            group.reported.clear()
+            if group.users == 0:
+                self.release(group)
             return
         if group.backward_done:  # complete again in this backward (reentrant checkpointing)
             self._reduce(group)
