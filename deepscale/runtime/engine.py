@@ -17,12 +17,13 @@ from deepscale.profiling.flops_profiler.engine_profile import EngineFlopsProfile
 from deepscale.runtime.activation_checkpointing import configure as configure_checkpointing
 from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_engine_checkpoint, resolve_checkpoint,
                                                             save_engine_checkpoint)
+from deepscale.runtime.checkpoint.expert_files import consolidate_expert_weights
 from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
 from deepscale.runtime.dataloader import DeepScaleDataLoader
 from deepscale.runtime.engine_compat import EngineCompatMixin
 from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_lr_scheduler_for, build_optimizer_for,
                                             build_loss_scaler_for, cast_floating_inputs, configure_collective_watchdog,
-                                            reducer_dtypes, stage0_bucket_numel)
+                                            reducer_dtypes, setup_expert_parallelism, stage0_bucket_numel)
 from deepscale.runtime.dp_optimizer import DataParallelOptimizer
 from deepscale.parallel.state_dict import full_state_dict
 from deepscale.runtime.model_parallel_setup import tensor_parallel_norm
@@ -62,6 +63,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self.model_dtype = model_dtype
         self.module = model
         self.module.to(self.device)
+        setup_expert_parallelism(self.module, self.dp_group, config)
         broadcast_module_from_rank0(self.module, self.grad_group, self.grad_world_size)
         # Masters are cloned before the model is cast, so they start from the fp32 weights.
         basic = build_optimizer_for(optimizer, config, model, model_parameters)
@@ -375,11 +377,13 @@ class Engine(EngineCompatMixin, torch.nn.Module):
     # --- ZeRO-3 module weights -------------------------------------------------------------
     def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False):
         """The whole module state dict in the model dtype on rank 0 (None elsewhere); under ZeRO-3
-        every rank must call it. At other stages rank 0 returns ``module.state_dict()``."""
+        every rank must call it. At other stages rank 0 returns ``module.state_dict()`` (with MoE layers
+        every rank must call it too: experts are collected under global names)."""
         if self._config.zero_stage == 3:
             state = self._train_opt.consolidated_state_dict(rank0_only=True)
         else:
             state = self.module.state_dict() if self.global_rank == 0 else None
+        state = consolidate_expert_weights(self.module, state)  # MoE: every expert, global names
         if state is not None and exclude_frozen_parameters:
             frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
             state = {k: v for k, v in state.items() if k not in frozen}

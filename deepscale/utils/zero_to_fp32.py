@@ -75,8 +75,10 @@ def resolve_tag_dir(checkpoint_dir: str, tag: Optional[str] = None) -> str:
     return tag_dir
 
 
-def _fill_from_shards(tag_dir: str, num_shards: int, out: Dict[str, torch.Tensor]) -> set:
-    """Copy every shard's fp32 fragments into ``out`` (allocated on first sight); returns names."""
+def _fill_from_shards(tag_dir: str, num_shards: int, out: Dict[str, torch.Tensor],
+                      shapes: Optional[Dict[str, tuple]] = None) -> set:
+    """Copy every shard's fp32 fragments into ``out`` (allocated on first sight, flat); returns
+    names. ``shapes``, when given, receives each parameter's shape."""
     filled = {}
     for shard in iter_optimizer_shards(tag_dir, num_shards):
         for name, entry in shard["fragments"].items():
@@ -86,6 +88,8 @@ def _fill_from_shards(tag_dir: str, num_shards: int, out: Dict[str, torch.Tensor
                     numel *= int(dim)
                 out[name] = torch.empty(numel, dtype=torch.float32)
                 filled[name] = 0
+                if shapes is not None:
+                    shapes[name] = tuple(int(d) for d in entry["shape"])
             start, values = int(entry["start"]), entry["fp32"]
             out[name][start:start + values.numel()].copy_(values)
             filled[name] += values.numel()
@@ -121,7 +125,8 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: Optional[
     # A tensor-parallel checkpoint's shards hold slices of sharded parameters; its module
     # weights are whole (gathered at save), so they are the answer.
     num_shards = 0 if int(model_states.get("tp_world_size", 1)) > 1 else int(model_states.get("num_optimizer_shards", 0))
-    trained = _fill_from_shards(tag_dir, num_shards, fp32)
+    shapes: Dict[str, tuple] = {}
+    trained = _fill_from_shards(tag_dir, num_shards, fp32, shapes)
     frozen = set(model_states.get("frozen_param_names", ()))
     result = {}
     for name, value in module.items():
@@ -131,8 +136,10 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: Optional[
             continue
         else:
             result[name] = (value.float() if value.is_floating_point() else value).clone()
-    for name, value in fp32.items():  # trained tensors the module state does not list (should not happen)
-        result[name] = value
+    # trained tensors the module weights do not list: the experts of MoE layers, which have
+    # files of their own and global names (runtime/checkpoint/expert_files.py)
+    for name, value in fp32.items():
+        result[name] = value.view(shapes[name])
     return result
 
 

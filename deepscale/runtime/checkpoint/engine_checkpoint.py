@@ -30,6 +30,8 @@ from deepscale.runtime.checkpoint.atomic import (AtomicCheckpointDir, read_lates
 from deepscale.runtime.checkpoint.deepspeed_format import (has_model_states, is_deepspeed_checkpoint,
                                                            read_deepspeed_checkpoint, read_latest_universal_tag)
 from deepscale.runtime.checkpoint.deepspeed_pickle import load_ds_file
+from deepscale.runtime.checkpoint.expert_files import (checkpoint_param_names, expert_file_payloads,
+                                                       expert_local_names, read_expert_files)
 from deepscale.runtime.utils import get_rng_states, set_rng_states
 from deepscale.utils.checkpoint_files import load_file, save_file
 from deepscale.utils.logging import logger
@@ -158,6 +160,7 @@ def _payloads(state: EngineState, client_state: Optional[dict], rank: int,
     shard = _optimizer_shard(state, rank)
     if shard is not None:
         payloads[shard[0]] = shard[1]
+    payloads.update(expert_file_payloads(state.module))  # collective under ZeRO-3
     if rank == 0:
         payloads[MODEL_STATES_FILE] = _model_states(state, client_state, exclude_frozen_parameters)
     return payloads
@@ -183,6 +186,8 @@ def _optimizer_shard(state: EngineState, rank: int) -> Optional[Tuple[str, dict]
 
 def _model_states(state: EngineState, client_state: Optional[dict], exclude_frozen_parameters: bool = False) -> dict:
     module_state = state.module_state if state.module_state is not None else state.module.state_dict()
+    for name in expert_local_names(state.module):  # experts have files of their own
+        module_state.pop(name, None)
     frozen = [n for n, p in state.module.named_parameters() if not p.requires_grad]
     if exclude_frozen_parameters:
         for name in frozen:
@@ -226,11 +231,15 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
                            load_module_only: bool = False) -> Tuple[dict, dict]:
     """Restore ``state`` from the tag directory ``path``; returns ``(counters, client_state)``."""
     saved, ds_shards = _read_model_states(path)
-    module_sd = shard_state_dict(state.module, saved["module"])  # whole weights -> this layout's shards
+    module_sd, reseed_sd = _with_expert_weights(state.module, saved["module"], path)
+    if reseed_sd is module_sd:  # no expert files: tensor-parallel layouts reshard the whole weights
+        module_sd = reseed_sd = shard_state_dict(state.module, module_sd)
+    else:
+        module_sd = shard_state_dict(state.module, module_sd)
     load_module_weights(state.module, module_sd, saved, load_module_strict, where=path,
                         strict_name="load_module_strict")
     if load_module_only:
-        _reseed_masters(state, module_sd)
+        _reseed_masters(state, reseed_sd)
         return {}, saved.get("client_state", {})
     if state.optimizer is not None:
         if saved.get("format_version", 1) < 2:
@@ -249,7 +258,7 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
             state.optimizer.load_shards(shards,
                                         load_optimizer_states=load_optimizer_states)
         else:
-            _reseed_masters(state, module_sd)
+            _reseed_masters(state, reseed_sd)
     if state.lr_scheduler is not None and load_lr_scheduler_states and saved.get("lr_scheduler") is not None:
         state.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     _load_rng(path, saved.get("dp_world_size"))
@@ -268,6 +277,21 @@ def _read_model_states(path: str):
     if saved.get("pipeline") is not None:  # saved by the pipeline engine: weights are in per-layer files
         saved = {**saved, "module": pipeline_module_weights(path, saved["pipeline"])}
     return saved, None
+
+
+def _with_expert_weights(module: torch.nn.Module, module_sd: dict, path: str) -> Tuple[dict, dict]:
+    """``(weights to load, weights to reseed masters from)``: the dense weights plus this rank's
+    experts read from their files (``expert_files.py``) under local names; the second also
+    under global names, the names optimizer fragments use."""
+    local = expert_local_names(module)
+    if not local or all(name in module_sd for name in local):
+        return module_sd, module_sd
+    experts = read_expert_files(module, path, load_file)
+    merged = {**module_sd, **experts}
+    names = checkpoint_param_names(module)
+    by_local = {n: p for n, p in module.named_parameters()}
+    aliases = {names[by_local[n]]: value for n, value in experts.items()}
+    return merged, {**merged, **aliases}
 
 
 def _reseed_masters(state: EngineState, module_sd: dict) -> None:
