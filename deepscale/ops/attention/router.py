@@ -3,8 +3,8 @@
 Order per device: CPU tensors try the ``cpu_attention`` kernel, then torch SDPA; CUDA tensors
 try the ``flash_attn`` kernel, then torch SDPA; the PyTorch reference runs what nothing else
 can (float64, dropout with softcap, odd head dims, ...). ``DEEPSCALE_ATTENTION_BACKEND``
-(``auto``, ``kernel``, ``sdpa``, ``reference``) forces a choice; a forced backend that cannot
-run a call still falls back, with the reason. Each distinct fallback reason is logged once.
+(``auto``, ``sdpa``, ``reference``) skips the kernel (``sdpa``) or both (``reference``); a
+forced SDPA that cannot run a call falls back to the reference, with the reason. Each distinct fallback reason is logged once.
 """
 import os
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ from deepscale.ops.attention import cpu_backend, cuda_backend, sdpa_backend
 from deepscale.utils.logging import warning_once
 
 BACKEND_ENV = "DEEPSCALE_ATTENTION_BACKEND"
-CHOICES = ("auto", "kernel", "sdpa", "reference")
+CHOICES = ("auto", "sdpa", "reference")
 
 
 @dataclass(frozen=True)
@@ -58,14 +58,14 @@ def choose(q, spec):
     """The :class:`Route` of one call with tensor ``q`` and checked problem ``spec``."""
     forced = _forced()
     reasons = []
-    if forced in ("auto", "kernel"):
+    if forced == "auto":
         route, why = _kernel_route(q, spec)
         if route is not None:
             return route
         reasons.append(why)
     else:
         reasons.append(f"{BACKEND_ENV}={forced}")
-    if forced in ("auto", "kernel", "sdpa"):
+    if forced in ("auto", "sdpa"):
         why = sdpa_backend.unsupported_reason(q, spec)
         if not why:
             return _announce(Route("sdpa", reasons[0]))
