@@ -167,3 +167,11 @@ def test_other_simd_levels(level):
     assert proc.returncode == 0, proc.stderr[-2000:]
     built_level, err = proc.stdout.split()[-2:]
     assert built_level == level and float(err) < 2e-5
+
+
+def test_double_backward_is_refused():
+    (q, k, v), _ = make_inputs([64], [64], 2, 2, 64, torch.float32, varlen=False)
+    out = attention(q, k, v, causal=True)
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(dq.sum(), q)
