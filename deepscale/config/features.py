@@ -148,7 +148,6 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("sequence_parallel_size", _above_one, "sequence parallelism (Ulysses)", "set it to 1",
                        values=_ABOVE_ONE_VALUES),
     _off("hybrid_engine.enabled", "the hybrid engine"),
-    _off("flops_profiler.enabled", "the flops profiler"),
     *[UnavailableFeature(f"compression_training.{t}.shared_parameters.enabled", _on, f"compression training ({t})",
                          "set it to false", scope="compression_training") for t in COMPRESSION_TECHNIQUES],
     _off("compression_training.layer_reduction.enabled", "compression training (layer_reduction)"),

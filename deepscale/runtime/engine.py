@@ -13,6 +13,7 @@ import torch
 from deepscale import comm as dist
 from deepscale.accelerator import get_accelerator
 from deepscale.comm.topology import ParallelTopology
+from deepscale.profiling.flops_profiler.engine_profile import EngineFlopsProfile
 from deepscale.runtime.activation_checkpointing import configure as configure_checkpointing
 from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_engine_checkpoint, resolve_checkpoint,
                                                             save_engine_checkpoint)
@@ -84,6 +85,8 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         if training_data is not None:
             self.training_dataloader = self.deepscale_io(training_data, collate_fn=collate_fn)
         self._reporter = StepReporter(config, self)
+        self._flops = EngineFlopsProfile(self, config.flops_profiler) if config.flops_profiler.enabled else None
+        self.flops_profiler = self._flops.profiler if self._flops is not None else None  # DeepSpeed's attribute
         logger.debug(f"engine ready: dp={self.dp_world_size} dtype={model_dtype} optimizer={basic}")
 
     def _set_topology(self, mpu, dp_group) -> None:
@@ -191,7 +194,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
             args, kwargs = cast_floating_inputs((args, kwargs), self.model_dtype)
         # ZeRO-3 checks partitioned parameters used outside the modules that gather them.
         forward_context = getattr(self._train_opt, "forward_context", contextlib.nullcontext)
-        with forward_context():
+        with forward_context(), self._profiled("forward", (args, kwargs)):
             out = self.module(*args, **kwargs)
         self._reporter.stop("forward")
         return out
@@ -241,10 +244,17 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self._reporter.start("backward")
         self._reporter.record_loss(loss)
         sync = self.is_gradient_accumulation_boundary() and not self._in_no_sync
-        self._train_opt.prepare_backward(sync)
-        scale = self.loss_scale / (self.gradient_accumulation_steps() if scale_wrt_gas else 1)
-        (loss.float() * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
-        self._train_opt.finish_backward(sync)
+        with self._profiled("backward"):
+            self._train_opt.prepare_backward(sync)
+            scale = self.loss_scale / (self.gradient_accumulation_steps() if scale_wrt_gas else 1)
+            try:
+                (loss.float() * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+            except BaseException:
+                # disarm the gradient hooks: a later backward that is not the engine's (or a retry
+                # after the user handled the error) must not be taken as this one's
+                self._train_opt.abort_backward()
+                raise
+            self._train_opt.finish_backward(sync)
         self._reporter.stop("backward")
         return loss
 
@@ -257,7 +267,8 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         boundary = self.is_gradient_accumulation_boundary()
         self._step_applied = False
         if boundary:
-            applied = self._step_applied = self._train_opt.step()
+            with self._profiled("step"):
+                applied = self._step_applied = self._train_opt.step()
             if applied:
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step(**(lr_kwargs or {}))
@@ -272,6 +283,12 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self._reporter.stop("step")
         if boundary:
             self._reporter.after_step()
+            if self._flops is not None:
+                self._flops.after_step()
+
+    def _profiled(self, phase: str, inputs=None):
+        """The flops profiler's context for ``phase`` (counts and times it at ``profile_step``)."""
+        return self._flops.phase(phase, inputs) if self._flops is not None else contextlib.nullcontext()
 
     def zero_grad(self) -> None:
         """Clear accumulated gradients (``step()`` does this after every update)."""
@@ -384,6 +401,8 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         """Remove the engine's hooks from the model, free its buffers and close the monitors."""
         self._train_opt.destroy()
         self._reporter.close()
+        if self._flops is not None:
+            self._flops.close()
 
 
 DeepSpeedEngine = Engine  # DeepSpeed's name: `deepspeed.runtime.engine.DeepSpeedEngine` type checks

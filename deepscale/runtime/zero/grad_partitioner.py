@@ -214,6 +214,10 @@ class PartitionedGradients:
             bucket.staging = None  # stage 2 never keeps a full bucket past its reduction
         bucket.handles, bucket.result = [], None
 
+    def abort_backward(self) -> None:
+        """The owner's backward raised: disarm the hooks (later backwards' gradients stay in ``param.grad``)."""
+        self._armed = False
+
     def finish_backward(self, sync: bool) -> List[torch.nn.Parameter]:
         """Complete this backward's reductions; returns the parameters that got no gradient.
 

@@ -182,6 +182,9 @@ class ZeroOptimizer(TrainingOptimizer):
     def prepare_backward(self, sync: bool) -> None:
         self.grads.begin_backward(reducing=sync or self.stage == 2)
 
+    def abort_backward(self) -> None:
+        self.grads.abort_backward()
+
     def finish_backward(self, sync: bool) -> None:
         missing = self.grads.finish_backward(sync)
         self._note_backward()
