@@ -175,3 +175,24 @@ def test_pytorch_fallbacks_match_float64(monkeypatch, forced, options, varlen):
     want = float64_reference(q, k, v, grad, **extra, **options)
     want = want[:1] + want[2:]
     assert max(max_err(a, b) for a, b in zip(got, want)) < 2e-5
+
+
+def test_dispatch_modes_see_aten_ops():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(1, 16, 2, 64) for _ in range(3))
+    with Recorder() as recorder:
+        route = explain(q, k, v, causal=True)
+        out = attention(q, k, v, causal=True)
+    assert route.backend == "sdpa" and "TorchDispatchMode" in route.reason
+    assert any("scaled_dot_product" in op for op in recorder.ops)
+    torch.testing.assert_close(out, attention(q, k, v, causal=True), rtol=1e-5, atol=1e-5)
