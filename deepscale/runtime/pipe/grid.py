@@ -43,7 +43,9 @@ class PipelineGrid:
             self.dp_group, self.pp_group, self.tp_group = groups.group("dp"), groups.group("pp"), groups.group("tp")
         elif mpu is not None:
             self.dp_group = mpu.get_data_parallel_group()
-            self.pp_group = _first_attr(mpu, "get_pipe_parallel_group", "get_pipeline_model_parallel_group")()
+            pipe = _first_attr(mpu, "get_pipe_parallel_group", "get_pipeline_model_parallel_group", required=False)
+            # An mpu without pipeline accessors is accepted for a single stage (tp_compose.check_mpu_layout).
+            self.pp_group = pipe() if pipe is not None else self._axis_group("pipe")
             self.tp_group = _first_attr(mpu, "get_model_parallel_group", "get_tensor_model_parallel_group")()
         else:
             self.dp_group = self._axis_group("data")
@@ -132,8 +134,10 @@ class PipelineGrid:
     get_tensor_model_parallel_group = get_model_parallel_group
 
 
-def _first_attr(obj, *names):
+def _first_attr(obj, *names, required: bool = True):
     for name in names:
         if hasattr(obj, name):
             return getattr(obj, name)
+    if not required:
+        return None
     raise TypeError(f"the mpu ({type(obj).__name__}) has none of {', '.join(names)}")

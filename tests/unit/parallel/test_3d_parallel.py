@@ -96,3 +96,54 @@ def test_tied_vocab_parallel_embedding_across_stages():
     grid is registered beforehand: initialize() builds it from the topology and the config."""
     from _3d_models import lm_reference_training
     _check_parity(run_distributed(_tied_body, TP * PP * DP, args=(1,)), lm_reference_training)
+
+
+class _TensorOnlyMpu:
+    """A Megatron mpu of a model that is not pipelined: tensor and data accessors only (2 ranks, TP=2)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        self.tp = dist.new_group(ranks=[0, 1])
+        self.dp = [dist.new_group(ranks=[r]) for r in range(2)][dist.get_rank()]
+
+    def get_model_parallel_group(self):
+        return self.tp
+
+    def get_model_parallel_world_size(self):
+        return 2
+
+    def get_model_parallel_rank(self):
+        import torch.distributed as dist
+        return dist.get_rank()
+
+    def get_data_parallel_group(self):
+        return self.dp
+
+    def get_data_parallel_world_size(self):
+        return 1
+
+    def get_data_parallel_rank(self):
+        return 0
+
+
+def _single_stage_body():
+    import deepscale
+    from _3d_models import GAS, config, dense_reference, layer_specs, mse, rank_iterator
+    from deepscale.parallel.state_dict import full_state_dict, shard_state_dict
+    from deepscale.pipe import PipeModelDataParallelTopology, PipelineModule
+    mpu = _TensorOnlyMpu()
+    model = PipelineModule(layer_specs(mpu.get_model_parallel_group()), loss_fn=mse,
+                           topology=PipeModelDataParallelTopology(num_pp=1, num_mp=2, num_dp=1))
+    model.load_state_dict(shard_state_dict(model, dense_reference().state_dict()), strict=True)
+    cfg = {**config(2, False), "gradient_accumulation_steps": GAS * DP}  # the reference's batch on one replica
+    engine, *_ = deepscale.initialize(model=model, config=cfg, mpu=mpu)
+    losses, norms = [], []
+    for step in range(STEPS):
+        losses.append(float(engine.train_batch(rank_iterator(step, 0, gas=GAS * DP))))
+        norms.append(float(engine.get_global_grad_norm()))
+    return losses, norms, full_state_dict(engine.module)
+
+
+def test_single_stage_megatron_mpu_without_pipeline_accessors():
+    """TP=2 on one pipeline stage with ZeRO-2, the mpu having no pipeline accessors."""
+    _check_parity(run_distributed(_single_stage_body, 2))
