@@ -99,6 +99,10 @@ class DataParallelOptimizer(TrainingOptimizer):
         the expert-parallel group (``runtime/expert_grads.py``)."""
         return self.reducer.squared_norm().sqrt().float()
 
+    def _local_grad_parts(self, params):
+        managed = set(self.reducer.params)
+        return [self.reducer.grad_view(p) for p in params if p in managed]
+
     def zero_grad(self) -> None:
         if self.precision is not None:
             self.precision.zero_grad()

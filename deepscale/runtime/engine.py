@@ -25,6 +25,8 @@ from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_l
                                             build_loss_scaler_for, cast_floating_inputs, configure_collective_watchdog,
                                             reducer_dtypes, setup_expert_parallelism, stage0_bucket_numel)
 from deepscale.runtime.dp_optimizer import DataParallelOptimizer
+from deepscale.parallel.state_dict import full_state_dict
+from deepscale.runtime.model_parallel_setup import tensor_parallel_norm
 from deepscale.runtime.step_reporter import StepReporter
 from deepscale.runtime.zero.stage_1_and_2 import ZeroOptimizer, zero_optimizer_kwargs
 from deepscale.runtime.zero.stage3.optimizer import Stage3Optimizer, stage3_optimizer_kwargs
@@ -47,6 +49,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         super().__init__()
         self._config = config
         self._set_topology(mpu, dp_group)
+        mpu = self.mpu
         if "activation_checkpointing" in (getattr(config, "raw", None) or {}):
             configure_checkpointing(mpu, deepspeed_config=config)  # as DeepSpeed: the section configures it
         configure_collective_watchdog(config)
@@ -61,13 +64,13 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self.module = model
         self.module.to(self.device)
         setup_expert_parallelism(self.module, self.dp_group, config)
-        broadcast_module_from_rank0(self.module, self.dp_group, self.dp_world_size)
+        broadcast_module_from_rank0(self.module, self.grad_group, self.grad_world_size)
         # Masters are cloned before the model is cast, so they start from the fp32 weights.
         basic = build_optimizer_for(optimizer, config, model, model_parameters)
         accum_dtype, comm_dtype = reducer_dtypes(config, model_dtype)
         train_opt_args = dict(
             model_dtype=model_dtype, loss_scaler=build_loss_scaler_for(config), clip_grad=config.gradient_clipping,
-            group=self.dp_group, world_size=self.dp_world_size,
+            group=self.grad_group, world_size=self.grad_world_size,
             bucket_numel=stage0_bucket_numel(config) if config.zero_stage == 0
             else int(config.zero_optimization.reduce_bucket_size), accum_dtype=accum_dtype,
             comm_dtype=comm_dtype,
@@ -82,6 +85,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         if model_dtype != torch.float32:
             self.module.to(dtype=model_dtype)
         self._train_opt.attach()
+        self._train_opt.tensor_parallel = tensor_parallel_norm(self.module, mpu)
         self.lr_scheduler = build_lr_scheduler_for(lr_scheduler, config, basic)
         self.training_dataloader = None
         if training_data is not None:
@@ -103,7 +107,15 @@ class Engine(EngineCompatMixin, torch.nn.Module):
             self.dp_group = dp_group
             self.dp_world_size = dist.get_world_size(dp_group)
             self.dp_rank = dist.get_rank(dp_group)
-        self.topology = ParallelTopology(dp=self.dp_world_size, world_size=None)
+        self.mpu = mpu
+        self.topology = getattr(mpu, "topology", None) or ParallelTopology(dp=self.dp_world_size, world_size=None)
+        # Gradients are averaged (and ZeRO partitions) over the ranks holding the same weights:
+        # data-parallel ranks and, with Ulysses, their sequence-parallel peers (deepscale/parallel/grid.py).
+        self.grad_group, self.grad_world_size = self.dp_group, self.dp_world_size
+        sp_size = mpu.get_sequence_parallel_world_size() if hasattr(mpu, "get_sequence_parallel_world_size") else 1
+        if sp_size > 1:
+            self.grad_group = mpu.get_sequence_data_parallel_group()
+            self.grad_world_size = self.dp_world_size * sp_size
 
     # --- configuration accessors (engine.config, the plain dict, is in engine_compat.py) ----
     def train_batch_size(self) -> int:
@@ -297,11 +309,13 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self._train_opt.zero_grad()
 
     # --- checkpoints ----------------------------------------------------------------------
-    def _engine_state(self) -> EngineState:
+    def _engine_state(self, module_state=None) -> EngineState:
+        tp = self.mpu.get_model_parallel_world_size() if hasattr(self.mpu, "get_model_parallel_world_size") else 1
         return EngineState(module=self.module, optimizer=self._train_opt, lr_scheduler=self.lr_scheduler,
                            counters={name: getattr(self, name) for name in _COUNTER_NAMES},
-                           config=getattr(self._config, "raw", None), dp_world_size=self.dp_world_size,
-                           zero_stage=self._config.zero_stage, dp_group=self.dp_group)
+                           config=getattr(self._config, "raw", None), dp_world_size=self.grad_world_size,
+                           zero_stage=self._config.zero_stage, dp_group=self.grad_group, module_state=module_state,
+                           tp_size=tp, tp_rank=self.mpu.get_model_parallel_rank() if tp > 1 else 0)
 
     def save_checkpoint(self, save_dir: str, tag=None, client_state=None, save_latest: bool = True,
                         exclude_frozen_parameters: bool = False) -> bool:
@@ -325,7 +339,9 @@ class Engine(EngineCompatMixin, torch.nn.Module):
             client_state = {**(client_state or {}), _LOADER_STATE_KEY: self.training_dataloader.state_dict()}
         # ZeRO-3: every rank helps gather the module weights that rank 0 writes whole.
         with getattr(self._train_opt, "module_state_context", contextlib.nullcontext)():
-            save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest,
+            # Tensor-parallel shards are saved whole, so the checkpoint loads at any TP degree.
+            whole = full_state_dict(self.module) if self._engine_state().tp_size > 1 else None
+            save_engine_checkpoint(self._engine_state(whole), os.fspath(save_dir), tag, client_state, save_latest,
                                    exclude_frozen_parameters=exclude_frozen_parameters)
         return True
 

@@ -214,6 +214,18 @@ class ZeroOptimizer(TrainingOptimizer):
             master.grad = grad if grad.dtype == torch.float32 else grad.float()
         return grads
 
+    def _local_grad_parts(self, params) -> List[torch.Tensor]:
+        parts = []
+        for param in params:
+            try:
+                bucket, position = self.grads.location(param)
+            except KeyError:  # frozen or not managed here
+                continue
+            frag = bucket.plan.fragment(self.rank, position)
+            if frag is not None:
+                parts.append(bucket.own_grad[frag.chunk_offset:frag.chunk_offset + frag.numel])
+        return parts
+
     def _publish_masters(self) -> None:
         self.all_gather_params()
 

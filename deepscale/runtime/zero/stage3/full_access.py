@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from deepscale import comm as dist
-from deepscale.runtime.zero.stage3.zero_param import shard_range
+from deepscale.runtime.zero.stage3.zero_param import shard_access, shard_range
 
 
 class Stage3TensorAccess:
@@ -67,7 +67,8 @@ class Stage3TensorAccess:
     def set_full_fp32(self, param, value: torch.Tensor) -> None:
         master, _, offset, length = self._slot(param)
         self._keep_piece(param, value, master.detach()[offset:offset + length])
-        self._keep_piece(param, value, param.ds_tensor)
+        with shard_access(param, write=True):
+            self._keep_piece(param, value, param.ds_tensor)
         if param.data.numel() == param.ds_numel:  # gathered right now: keep the full copy current
             param.data.copy_(value.reshape(param.ds_shape).to(param.dtype))
 

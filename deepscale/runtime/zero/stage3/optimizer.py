@@ -21,6 +21,7 @@ from deepscale import comm as dist
 from deepscale.comm.expert_groups import expert_groups_of_param
 from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
+from deepscale.runtime.offload.param_offload import ParamOffload, param_offload_settings
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.stage3.collectives import CollectiveRunner, twin_group
@@ -58,6 +59,9 @@ class Stage3Optimizer(TrainingOptimizer):
         bucket_numel: ``reduce_bucket_size``: a parameter group (what one all-gather and one
             reduce-scatter carry) is closed at a module boundary once it reaches
             ``min(bucket_numel, 4M)`` elements. Default 500M.
+        param_offload: ``zero_optimization.offload_param`` as
+            :class:`~deepscale.runtime.offload.param_offload.ParamOffloadSettings`: keep the
+            parameter shards in host memory or on NVMe between uses. Default None (not offloaded).
         debug: also sequence-check every reduce-scatter and check every forward for partitioned
             parameters used outside the modules that gather them (also ``DEEPSCALE_ZERO3_DEBUG=1``);
             all-gathers and phase ends are always checked. Default False.
@@ -72,7 +76,7 @@ class Stage3Optimizer(TrainingOptimizer):
                  comm_dtype: Optional[torch.dtype] = None,
                  prefetch_numel: int = 50_000_000, max_live_numel: int = 1_000_000_000,
                  max_reuse_distance: int = 1_000_000_000, persistence_threshold: int = 100_000,
-                 debug: bool = False, allow_untested_optimizer: bool = False,
+                 debug: bool = False, allow_untested_optimizer: bool = False, param_offload=None,
                  **unused):
         if basic_optimizer is None:
             raise ValueError("zero_optimization.stage=3 partitions optimizer state, so it needs an optimizer: add an "
@@ -98,6 +102,8 @@ class Stage3Optimizer(TrainingOptimizer):
         self.group_params = self._trainable_per_group()
         fp32_shards = self._partition(module)
         group_numel = max(1, min(int(bucket_numel), DEFAULT_GROUP_NUMEL))
+        if param_offload is not None and param_offload.max_group_numel(world_size):
+            group_numel = min(group_numel, param_offload.max_group_numel(world_size))  # a shard fits a swap buffer
         self.groups: List[ParamGroup] = build_groups(module, self.runner, group_numel, int(persistence_threshold),
                                                      self.param_names,
                                                      include=lambda p: expert_groups_of_param(p) is None)
@@ -105,10 +111,13 @@ class Stage3Optimizer(TrainingOptimizer):
             self.groups += build_groups(module, runner, group_numel, int(persistence_threshold), self.param_names,
                                         include=lambda p, n=name: getattr(expert_groups_of_param(p), "name", None) == n,
                                         first_index=len(self.groups))
+        self.param_offload = None if param_offload is None else ParamOffload(param_offload, self.groups, group,
+                                                                              world_size, debug=self.debug)
         self._build_masters(fp32_shards)
         comm_dtype = comm_dtype or accum_dtype
         self.coordinator = ParamCoordinator(self.groups, prefetch_numel, max_live_numel, max_reuse_distance,
                                             comm_dtype, self._accumulate, self.runner)
+        self.coordinator.offload = self.param_offload
         managed = {id(p) for params in self.group_params for p in params}
         for g in self.groups:
             self.coordinator.trainable_of[g.index] = [p for p in g.params if id(p) in managed]
@@ -181,10 +190,11 @@ class Stage3Optimizer(TrainingOptimizer):
                 self._slots[id(param)] = (index, offset, length)
                 param._ds_master_view = master.detach()[offset:offset + length]
                 offset += length
-        if self.model_dtype == torch.float32:
+        if self.model_dtype == torch.float32 and self.param_offload is None:
             self._share_fp32_shards()
         managed = [p for params in self.group_params for p in params
                    if p.ds_tensor.data_ptr() != p._ds_master_view.data_ptr()]
+        self._publish_params = managed
         self._publish_dst = [p.ds_tensor for p in managed]
         self._publish_src = [p._ds_master_view for p in managed]
         self._accumulate_plan = {}
@@ -295,6 +305,14 @@ class Stage3Optimizer(TrainingOptimizer):
                 grads.append(grad)
         return grads
 
+    def _local_grad_parts(self, params) -> List[torch.Tensor]:
+        parts = []
+        for param in params:
+            slot = self._slots.get(id(param))
+            if slot is not None and self._master_grads[slot[0]] is not None:
+                parts.append(self._master_grads[slot[0]][slot[1]:slot[1] + slot[2]])
+        return parts
+
     def _publish_masters(self) -> None:
         self.publish_masters()
 
@@ -313,7 +331,9 @@ class Stage3Optimizer(TrainingOptimizer):
     @torch.no_grad()
     def publish_masters(self) -> None:
         """Copy the fp32 masters into the shards and refresh the persistent groups."""
-        if self._publish_dst:
+        if self.param_offload is not None:
+            self.param_offload.publish(self._publish_params, self._publish_src)
+        elif self._publish_dst:
             torch._foreach_copy_(self._publish_dst, self._publish_src)
         self._refresh_persistent()
 
@@ -392,6 +412,8 @@ class Stage3Optimizer(TrainingOptimizer):
         self.publish_masters()
 
     def destroy(self) -> None:
+        if self.param_offload is not None:
+            self.param_offload.close()
         remove_module_hooks(self._module, self._module_hooks)
         for handle in self._handles:
             handle.remove()
@@ -413,5 +435,5 @@ def stage3_optimizer_kwargs(config) -> dict:
     return dict(prefetch_numel=int(zero.prefetch_bucket_size), max_live_numel=int(zero.max_live_parameters),
                 max_reuse_distance=int(zero.max_reuse_distance),
                 persistence_threshold=int(zero.param_persistence_threshold),
-                debug=bool(getattr(zero, "debug_sequence_check", False)),
+                debug=bool(getattr(zero, "debug_sequence_check", False)), param_offload=param_offload_settings(config),
                 allow_untested_optimizer=bool(getattr(config, "zero_allow_untested_optimizer", False)))
