@@ -53,12 +53,13 @@ class FlashAttnBuilder(FusedAdamBuilder):
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in FLASH_ATTN_ARCHS]
         return ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode]
 
-    def compile_kernel_objects(self, out_dir, archs=FLASH_ATTN_ARCHS):
+    def compile_kernel_objects(self, out_dir, archs=FLASH_ATTN_ARCHS, head_dim=None):
         """Compile the CUDA kernels alone with nvcc, once per architecture; return the object paths.
 
         Args:
             out_dir: directory for the object files.
             archs: SM architectures. Default ``("80", "90")``.
+            head_dim: instantiate only this head dim (a quicker check). Default None (all).
         """
         nvcc = find_nvcc()
         if nvcc is None:
@@ -69,6 +70,8 @@ class FlashAttnBuilder(FusedAdamBuilder):
                 out = Path(out_dir) / f"{Path(source).stem}_sm{arch}.o"
                 cmd = [nvcc, "-c", "-O3", "-std=c++17", "--use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}",
                        f"-I{csrc_root() / 'attention' / 'cuda'}", str(csrc_root() / source), "-o", str(out)]
+                if head_dim is not None:
+                    cmd.append(f"-DDEEPSCALE_FLASH_ONE_HEAD_DIM={int(head_dim)}")
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise OpBuildError(f"building op '{self.NAME}' for sm_{arch} failed:\n"

@@ -240,8 +240,8 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     TuningOnlyKeys("pipeline", "PipelineModule's arguments decide it (partition_method, seed_layers, "
                    "activation_checkpoint_interval), as in DeepSpeed",
                    keys=("partition", "seed_layers", "activation_checkpoint_interval", "use_reentrant")),
-    TuningOnlyKeys("pipeline", "activations cross stages whole (they are only partitioned over a tensor-parallel "
-                   "group, which the pipeline engine does not use yet)", keys=("pipe_partitioned", "grad_partitioned")),
+    TuningOnlyKeys("pipeline", "activations and their gradients cross stages whole on every tensor-parallel rank "
+                   "(not partitioned over the tensor-parallel group)", keys=("pipe_partitioned", "grad_partitioned")),
     TuningOnlyKeys("tensor_parallel", "training AutoTP keeps the engine's precision (fp16/bf16 sections) and "
                    "has no kernel injection", except_keys=("autotp_size", "tp", "tensor_parallel")),
     *[TuningOnlyKeys(f"tensor_parallel.{name}", "AutoTP splits heads and features as evenly as the layout allows",

@@ -231,6 +231,10 @@ cudaError_t launch_backward(const BackwardParams& p, cudaStream_t stream) {
 
 template <class T>
 cudaError_t backward_dims(const BackwardParams& p, cudaStream_t stream) {
+#ifdef DEEPSCALE_FLASH_ONE_HEAD_DIM  // a quicker compile check: one instantiation
+    if (p.head_dim == DEEPSCALE_FLASH_ONE_HEAD_DIM) return launch_backward<T, DEEPSCALE_FLASH_ONE_HEAD_DIM>(p, stream);
+    return cudaErrorInvalidValue;
+#else
     switch (p.head_dim) {
         case 64: return launch_backward<T, 64>(p, stream);
         case 96: return launch_backward<T, 96>(p, stream);
@@ -238,6 +242,7 @@ cudaError_t backward_dims(const BackwardParams& p, cudaStream_t stream) {
         case 256: return launch_backward<T, 256>(p, stream);
         default: return cudaErrorInvalidValue;
     }
+#endif
 }
 
 cudaError_t run_backward(const BackwardParams& p, cudaStream_t stream) {

@@ -150,6 +150,10 @@ cudaError_t launch_forward(const Params& p, cudaStream_t stream) {
 
 template <class T>
 cudaError_t forward_dims(const Params& p, cudaStream_t stream) {
+#ifdef DEEPSCALE_FLASH_ONE_HEAD_DIM  // a quicker compile check: one instantiation
+    if (p.head_dim == DEEPSCALE_FLASH_ONE_HEAD_DIM) return launch_forward<T, DEEPSCALE_FLASH_ONE_HEAD_DIM>(p, stream);
+    return cudaErrorInvalidValue;
+#else
     switch (p.head_dim) {
         case 64: return launch_forward<T, 64>(p, stream);
         case 96: return launch_forward<T, 96>(p, stream);
@@ -157,6 +161,7 @@ cudaError_t forward_dims(const Params& p, cudaStream_t stream) {
         case 256: return launch_forward<T, 256>(p, stream);
         default: return cudaErrorInvalidValue;
     }
+#endif
 }
 
 cudaError_t run_forward(const Params& p, cudaStream_t stream) {

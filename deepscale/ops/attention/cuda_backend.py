@@ -7,6 +7,7 @@ recomputes the probabilities block by block and accumulates dK/dV per query head
 (reduced over each GQA group here).
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 SUPPORTED_HEAD_DIMS = (64, 96, 128, 256)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
@@ -51,6 +52,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         return out.view(q.shape), lse
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients are not themselves differentiable
     def backward(ctx, dout, _dlse):
         qp, kp, vp, out, lse, cu_q, cu_k = ctx.saved_tensors
         spec = ctx.spec

@@ -3,8 +3,10 @@
 Order per device: CPU tensors try the ``cpu_attention`` kernel, then torch SDPA; CUDA tensors
 try the ``flash_attn`` kernel, then torch SDPA; the PyTorch reference runs what nothing else
 can (float64, dropout with softcap, odd head dims, ...). ``DEEPSCALE_ATTENTION_BACKEND``
-(``auto``, ``kernel``, ``sdpa``, ``reference``) forces a choice; a forced backend that cannot
-run a call still falls back, with the reason. Each distinct fallback reason is logged once.
+(``auto``, ``sdpa``, ``reference``) skips the kernel (``sdpa``) or both (``reference``); a
+forced SDPA that cannot run a call falls back to the reference, with the reason. Under a
+TorchDispatchMode (flop counters, FakeTensorMode) the kernels are skipped too: such modes see
+only aten ops, and fake tensors have no memory for a kernel to read. Each distinct fallback reason is logged once.
 """
 import os
 from dataclasses import dataclass
@@ -13,7 +15,7 @@ from deepscale.ops.attention import cpu_backend, cuda_backend, sdpa_backend
 from deepscale.utils.logging import warning_once
 
 BACKEND_ENV = "DEEPSCALE_ATTENTION_BACKEND"
-CHOICES = ("auto", "kernel", "sdpa", "reference")
+CHOICES = ("auto", "sdpa", "reference")
 
 
 @dataclass(frozen=True)
@@ -54,24 +56,33 @@ def _kernel_route(q, spec):
     return Route(name, "", op), ""
 
 
+def _dispatch_mode_active():
+    """True under a TorchDispatchMode (flop counters, FakeTensorMode, tracers): they see aten ops
+    only, and the compiled kernels take raw pointers that fake tensors do not have."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+    except ImportError:  # a torch without the helper: assume no mode
+        return False
+    return _get_current_dispatch_mode() is not None
+
+
 def choose(q, spec):
     """The :class:`Route` of one call with tensor ``q`` and checked problem ``spec``."""
     forced = _forced()
-    reasons = []
-    if forced in ("auto", "kernel"):
-        route, why = _kernel_route(q, spec)
+    if forced != "auto":
+        reason = f"{BACKEND_ENV}={forced}"
+    elif _dispatch_mode_active():
+        reason = "a TorchDispatchMode is active (flop counting, fake tensors or tracing): aten ops run so it sees them"
+    else:
+        route, reason = _kernel_route(q, spec)
         if route is not None:
             return route
-        reasons.append(why)
-    else:
-        reasons.append(f"{BACKEND_ENV}={forced}")
-    if forced in ("auto", "kernel", "sdpa"):
+    if forced != "reference":
         why = sdpa_backend.unsupported_reason(q, spec)
         if not why:
-            return _announce(Route("sdpa", reasons[0]))
-        if forced == "sdpa":
-            reasons.append(why)
-    return _announce(Route("reference", "; ".join(reasons)))
+            return _announce(Route("sdpa", reason))
+        reason = f"{reason}; {why}"
+    return _announce(Route("reference", reason))
 
 
 def _announce(route):

@@ -131,6 +131,7 @@ class EngineFlopsProfile:
         rate = model_flops / iteration if iteration else 0.0
         return {"params": prof.get_total_params(), "phases": prof.get_flops_by_phase(),
                 "training_flops": model_flops, "hardware_flops": prof.get_training_flops(),
+                "all_flops": prof.get_training_flops(include_other=True),
                 "latency_s": {k: timings[k] for k in ("forward", "backward", "step")}, "iter_latency_s": iteration,
                 "model_tflops": rate / 1e12, "mfu": rate / timings["peak_flops"] if timings["peak_flops"] else None,
                 "samples_per_s": timings["samples"] / iteration if iteration else 0.0,

@@ -12,6 +12,10 @@ import torch
 
 from deepscale.accelerator import get_accelerator
 from deepscale.profiling.flops_profiler import units
+# DeepSpeed's profiler module also holds the string helpers; code imports them from there.
+from deepscale.profiling.flops_profiler.units import (bytes_to_string, duration_to_string,  # noqa: F401
+                                                      flops_to_string, macs_to_string, number_to_string,
+                                                      params_to_string)
 from deepscale.profiling.flops_profiler.counting import OpCounter, warm_up_dispatch
 from deepscale.utils.logging import logger
 
@@ -57,8 +61,11 @@ class FlopsProfiler:
             checkpointing (0.0 none, 1.0 all). Used only to estimate training FLOPs when the
             backward pass was not profiled; a profiled backward is measured. Default 0.0.
 
-    Counting: FLOPs of every aten operator that runs between ``start_profile`` and
-    ``stop_profile`` (see ``counting.py`` for the per-operator costs). A weight used twice (tied
+    Counting: every aten operator that runs between ``start_profile`` and ``stop_profile``
+    (see ``counting.py`` for the per-operator costs). "flops" are those of matrix products,
+    convolutions and attention (2 per MAC, as ``torch.utils.flop_counter`` and the 6 x params x
+    tokens rule count); norms, activations, softmax and element-wise work are "other flops",
+    reported beside them (``include_other=True`` adds them in). A weight used twice (tied
     embeddings) costs FLOPs at each use and counts once in the parameters. Parameters of
     ZeRO-3 models count at their full size. Nothing stays installed after ``stop_profile``.
     """
@@ -147,12 +154,13 @@ class FlopsProfiler:
 
     # --- counting -------------------------------------------------------------------------
     def _reset_counts(self) -> None:
-        self._module_flops = defaultdict(int)  # module -> forward flops of its own operators
+        self._module_flops = defaultdict(int)  # module -> forward matmul-class flops of its own operators
+        self._module_other = defaultdict(int)  # module -> its other forward flops (norms, element-wise...)
         self._module_macs = defaultdict(int)
         self._module_duration = defaultdict(float)  # module -> forward seconds, children included
         self._starts = {}
-        self._phase_flops = dict.fromkeys(PHASES, 0)
-        self._phase_matmul = dict.fromkeys(PHASES, 0)
+        self._phase_flops = dict.fromkeys(PHASES, 0)  # matrix products, convolutions, attention
+        self._phase_other = dict.fromkeys(PHASES, 0)  # norms, activations, softmax, element-wise
         self._phase_macs = dict.fromkeys(PHASES, 0)
         self._op_flops = defaultdict(int)  # (phase, operator) -> flops
 
@@ -164,14 +172,14 @@ class FlopsProfiler:
 
     def _record(self, func, matmul: int, macs: int, other: int) -> None:
         phase = self._phase()
-        flops = matmul + other
-        self._phase_flops[phase] += flops
-        self._phase_matmul[phase] += matmul
+        self._phase_flops[phase] += matmul
+        self._phase_other[phase] += other
         self._phase_macs[phase] += macs
-        self._op_flops[(phase, str(func._overloadpacket).split(".")[-1])] += flops
+        self._op_flops[(phase, str(func._overloadpacket).split(".")[-1])] += matmul + other
         if phase == FORWARD and self._stack:
             module = self._stack[-1]
-            self._module_flops[module] += flops
+            self._module_flops[module] += matmul
+            self._module_other[module] += other
             self._module_macs[module] += macs
             # Live DeepSpeed-style attributes (written straight into __dict__: no Module.__setattr__).
             module.__dict__["__flops__"] = self._module_flops[module]
@@ -202,10 +210,11 @@ class FlopsProfiler:
             module.__duration__ = self._module_duration.get(module, 0.0)
 
     # --- results --------------------------------------------------------------------------
-    def get_total_flops(self, as_string: bool = False):
-        """Forward FLOPs counted since ``start_profile`` (DeepSpeed's figure); see
-        :meth:`get_flops_by_phase` for backward and recomputation."""
-        total = self._phase_flops[FORWARD]
+    def get_total_flops(self, as_string: bool = False, include_other: bool = False):
+        """Forward FLOPs of matrix products, convolutions and attention (2 x MACs) counted since
+        ``start_profile``; ``include_other`` adds norms, activations, softmax and element-wise
+        work. See :meth:`get_flops_by_phase` for backward and recomputation."""
+        total = self._phase_flops[FORWARD] + (self._phase_other[FORWARD] if include_other else 0)
         return units.number_to_string(total) if as_string else total
 
     def get_total_macs(self, as_string: bool = False):
@@ -224,29 +233,35 @@ class FlopsProfiler:
         return units.params_to_string(total) if as_string else total
 
     def get_flops_by_phase(self) -> Dict[str, Dict[str, int]]:
-        """``{"forward"|"backward"|"recompute": {"flops", "matmul_flops", "macs"}}`` as counted.
+        """``{"forward"|"backward"|"recompute": {"flops", "macs", "other_flops"}}`` as counted.
 
-        ``recompute`` is the forward work redone inside backward by activation checkpointing;
-        ``matmul_flops`` is the part that ``torch.utils.flop_counter`` also counts.
+        ``flops``: matrix products, convolutions and attention (what ``torch.utils.flop_counter``
+        counts); ``other_flops``: norms, activations, softmax, element-wise. ``recompute`` is the
+        forward work redone inside backward by activation checkpointing.
         """
-        return {phase: {"flops": self._phase_flops[phase], "matmul_flops": self._phase_matmul[phase],
-                        "macs": self._phase_macs[phase]} for phase in PHASES}
+        return {phase: {"flops": self._phase_flops[phase], "macs": self._phase_macs[phase],
+                        "other_flops": self._phase_other[phase]} for phase in PHASES}
 
     @property
     def backward_profiled(self) -> bool:
         """True when backward operators were counted (so training FLOPs are measured, not estimated)."""
-        return self._phase_flops[BACKWARD] > 0
+        return self._phase_flops[BACKWARD] + self._phase_other[BACKWARD] > 0
 
-    def get_training_flops(self, include_recompute: bool = True) -> int:
-        """FLOPs of forward plus backward (plus recomputation when ``include_recompute``).
+    def get_training_flops(self, include_recompute: bool = True, include_other: bool = False) -> int:
+        """FLOPs of forward plus backward (plus recomputation when ``include_recompute``; plus
+        norms, activations and element-wise work when ``include_other``).
 
         Measured when the backward pass was profiled; otherwise estimated as forward x 3
         (backward costs two forwards) plus ``recompute_fwd_factor`` x forward.
         """
-        fwd = self._phase_flops[FORWARD]
+        phases = (FORWARD, BACKWARD, RECOMPUTE) if include_recompute else (FORWARD, BACKWARD)
+
+        def total(phase):
+            return self._phase_flops[phase] + (self._phase_other[phase] if include_other else 0)
+
         if self.backward_profiled:
-            return fwd + self._phase_flops[BACKWARD] + (self._phase_flops[RECOMPUTE] if include_recompute else 0)
-        return int(fwd * (3 + (self.recompute_fwd_factor if include_recompute else 0.0)))
+            return sum(total(phase) for phase in phases)
+        return int(total(FORWARD) * (3 + (self.recompute_fwd_factor if include_recompute else 0.0)))
 
     def get_op_flops(self, phase: str = FORWARD) -> Dict[str, int]:
         """FLOPs per aten operator name (``mm``, ``addmm``, ``_softmax``...) in ``phase``, largest first."""
@@ -255,9 +270,10 @@ class FlopsProfiler:
         found = {op: n for (p, op), n in self._op_flops.items() if p == phase}
         return dict(sorted(found.items(), key=lambda item: -item[1]))
 
-    def module_flops(self, module: torch.nn.Module) -> int:
-        """Forward FLOPs of ``module`` including its children."""
-        return sum(self._module_flops.get(m, 0) for m in module.modules())
+    def module_flops(self, module: torch.nn.Module, include_other: bool = False) -> int:
+        """Forward FLOPs (matmul class; ``include_other``: all) of ``module`` including its children."""
+        return sum(self._module_flops.get(m, 0) + (self._module_other.get(m, 0) if include_other else 0)
+                   for m in module.modules())
 
     def module_macs(self, module: torch.nn.Module) -> int:
         """Forward MACs of ``module`` including its children."""
@@ -316,3 +332,12 @@ def _duration(module: torch.nn.Module, own) -> float:
     if duration == 0.0:
         duration = sum(_duration(child, own) for child in module.children())
     return duration
+
+
+def __getattr__(name):
+    # ``from deepspeed.profiling.flops_profiler.profiler import get_model_profile`` (its home there);
+    # resolved lazily because model_profile imports this module.
+    if name == "get_model_profile":
+        from deepscale.profiling.flops_profiler.model_profile import get_model_profile
+        return get_model_profile
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -41,22 +41,25 @@ def _engine_lines(prof) -> List[Tuple[str, str]]:
 def _flops_lines(prof) -> List[Tuple[str, str]]:
     by_phase = prof.get_flops_by_phase()
     fwd = by_phase[FORWARD]
-    measured = prof.backward_profiled
     lines = [("params per GPU (tied weights once, ZeRO-3 full size):", params_to_string(prof.get_total_params())),
              ("fwd MACs per GPU:", macs_to_string(fwd["macs"])),
-             ("fwd flops per GPU:", number_to_string(fwd["flops"])),
-             ("  of which matmul, conv, attention:", number_to_string(fwd["matmul_flops"]))]
-    outside = fwd["flops"] - prof.module_flops(prof.model)
+             ("fwd flops per GPU (2 x MACs):", number_to_string(fwd["flops"])),
+             ("fwd other flops per GPU (norms, activations, ...):", number_to_string(fwd["other_flops"]))]
+    outside = fwd["flops"] + fwd["other_flops"] - prof.module_flops(prof.model, include_other=True)
     if outside > 0:
         lines.append(("  of which outside the model's modules:", number_to_string(outside)))
-    if measured:
-        lines += [("bwd flops per GPU (measured):", number_to_string(by_phase[BACKWARD]["flops"])),
-                  ("recompute flops per GPU (measured, checkpointing):", number_to_string(by_phase[RECOMPUTE]["flops"]))]
+    if prof.backward_profiled:
+        for phase, label in ((BACKWARD, "bwd"), (RECOMPUTE, "recompute")):
+            lines.append((f"{label} flops per GPU (measured; other flops):",
+                          f"{number_to_string(by_phase[phase]['flops'])}; "
+                          f"{number_to_string(by_phase[phase]['other_flops'])}"))
     else:
         lines += [("bwd flops per GPU (estimated, 2 x fwd):", number_to_string(2 * fwd["flops"])),
                   (f"recompute flops per GPU (estimated, {prof.recompute_fwd_factor:g} x fwd):",
                    number_to_string(prof.recompute_fwd_factor * fwd["flops"]))]
-    lines.append(("fwd+bwd flops per GPU (with recompute):", number_to_string(prof.get_training_flops())))
+    lines += [("fwd+bwd flops per GPU:", number_to_string(prof.get_training_flops(include_recompute=False))),
+              ("fwd+bwd+recompute flops per GPU:", number_to_string(prof.get_training_flops())),
+              ("  with other flops:", number_to_string(prof.get_training_flops(include_other=True)))]
     return lines
 
 
@@ -131,7 +134,7 @@ def format_module_tree(prof, module_depth: int = -1) -> str:
     lines = []
     for depth, name, module in _module_levels(prof.model, module_depth):
         params, macs = module_params(module), prof.module_macs(module)
-        flops, duration = prof.module_flops(module), prof.module_duration(module)
+        flops, duration = prof.module_flops(module, include_other=True), prof.module_duration(module)
         rate = flops_to_string(flops / duration) if duration else flops_to_string(0)
         lines.append(f"{'  ' * depth}({name}) {type(module).__name__}: "
                      f"{params_to_string(params)} = {_share(params, total_params)} params, "
@@ -146,9 +149,9 @@ def format_model_profile(prof, profile_step: int = 1, module_depth: int = -1, to
     summary = _engine_lines(prof) + _flops_lines(prof) + _rate_lines(prof)
     parts = [f"\n{_RULE} deepscale flops profiler {_RULE}", f"Profile summary at step {profile_step}:",
              "Counted at the PyTorch dispatcher (every aten operator that ran). params: parameters; MACs:\n"
-             "multiply-accumulates of matrix products, convolutions and attention; flops: floating-point\n"
-             "operations (2 per MAC, plus norms, activations, softmax, element-wise); FLOPS: flops per second;\n"
-             "recompute: forward work redone in backward by activation checkpointing.\n"]
+             "multiply-accumulates of matrix products, convolutions and attention; flops: their floating-point\n"
+             "operations (2 per MAC); other flops: norms, activations, softmax, element-wise; FLOPS: flops per\n"
+             "second; recompute: forward work redone in backward by activation checkpointing.\n"]
     parts += [_LINE.format(label, value) for label, value in summary]
     ops = prof.get_op_flops(FORWARD)
     if ops:
@@ -159,7 +162,7 @@ def format_model_profile(prof, profile_step: int = 1, module_depth: int = -1, to
     if detailed:
         parts += [f"\n{_RULE} detailed profile per GPU {_RULE}",
                   "Each module: params, share of params, MACs, share of MACs, fwd latency, share of fwd latency,\n"
-                  "fwd FLOPS. Operators called directly in a parent (a loss, F.linear on a tied weight) count in\n"
+                  "fwd FLOPS (other flops included). Operators called directly in a parent (a loss, F.linear on a tied weight) count in\n"
                   "the parent, so a parent can exceed the sum of its children.\n",
                   format_module_tree(prof, module_depth)]
     parts.append("-" * 84)

@@ -131,7 +131,7 @@ def test_router_reasons(monkeypatch):
     route = explain(q.float(), q.float(), q.float())
     assert route.backend == "reference" and "DEEPSCALE_ATTENTION_BACKEND=reference" in route.reason
     monkeypatch.setenv("DEEPSCALE_ATTENTION_BACKEND", "fastest")
-    with pytest.raises(ValueError, match="allowed: auto, kernel, sdpa, reference"):
+    with pytest.raises(ValueError, match="allowed: auto, sdpa, reference"):
         explain(q, q, q)
 
 
@@ -156,3 +156,43 @@ def test_module_form_drops_only_in_training():
     layer.train()
     assert not torch.allclose(layer(q, k, v), attention(q, k, v, causal=True))
     assert "causal=True" in repr(layer)
+
+
+@pytest.mark.parametrize("forced", ["sdpa", "reference"])
+@pytest.mark.parametrize("options", [{"causal": True}, {"window": (5, 2)}, {"softcap": 3.0}])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_pytorch_fallbacks_match_float64(monkeypatch, forced, options, varlen):
+    """The fallbacks (forced) against the float64 reference: output and all three gradients, GQA, fp32."""
+    from _attn_cases import float64_reference, make_inputs, max_err
+    monkeypatch.setenv("DEEPSCALE_ATTENTION_BACKEND", forced)
+    (q, k, v), extra = make_inputs([20, 20], [20, 20], 4, 2, 16, torch.float32, varlen=varlen)
+    route = explain(q, k, v, **extra, **options)
+    expected = "sdpa" if forced == "sdpa" and not varlen and not options.get("softcap") else "reference"
+    assert route.backend == expected and route.reason
+    out = attention(q, k, v, **extra, **options)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    got = [out] + list(torch.autograd.grad(out, (q, k, v), grad))
+    want = float64_reference(q, k, v, grad, **extra, **options)
+    want = want[:1] + want[2:]
+    assert max(max_err(a, b) for a, b in zip(got, want)) < 2e-5
+
+
+def test_dispatch_modes_see_aten_ops():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (torch.randn(1, 16, 2, 64) for _ in range(3))
+    with Recorder() as recorder:
+        route = explain(q, k, v, causal=True)
+        out = attention(q, k, v, causal=True)
+    assert route.backend == "sdpa" and "TorchDispatchMode" in route.reason
+    assert any("scaled_dot_product" in op for op in recorder.ops)
+    torch.testing.assert_close(out, attention(q, k, v, causal=True), rtol=1e-5, atol=1e-5)

@@ -134,3 +134,44 @@ def test_memory_is_linear_in_sequence_length():
     backend, grown_kib = proc.stdout.split()[-2:]
     assert backend == "cpu_attention"
     assert int(grown_kib) < 128 * 1024, f"peak RSS grew by {int(grown_kib) // 1024} MiB at S=16384"
+
+
+_SIMD_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {helpers!r})
+from _attn_cases import float64_reference, make_inputs, max_err
+from deepscale.ops.attention import attention, explain
+from deepscale.ops.op_loader import load_op
+from deepscale.ops.native import simd_level
+(q, k, v), extra = make_inputs([100, 37], [100, 37], 4, 2, 64, torch.float32, True)
+assert explain(q, k, v, causal=True, **extra).backend == "cpu_attention"
+out = attention(q, k, v, causal=True, softcap=3.0, **extra)
+grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+got = [out] + list(torch.autograd.grad(out, (q, k, v), grad))
+ref = float64_reference(q, k, v, grad, causal=True, softcap=3.0, **extra)
+print(simd_level(load_op("cpu_attention")), max(max_err(a, b) for a, b in zip(got, ref[:1] + ref[2:])))
+"""
+
+
+@pytest.mark.parametrize("level", ["avx2", "scalar"])
+def test_other_simd_levels(level):
+    from op_builder.simd import simd_support_reason
+    reason = simd_support_reason(level)
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ, DEEPSCALE_SIMD=level,
+               PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = _SIMD_SCRIPT.format(helpers=str(Path(__file__).resolve().parent))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          cwd=str(REPO_ROOT), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    built_level, err = proc.stdout.split()[-2:]
+    assert built_level == level and float(err) < 2e-5
+
+
+def test_double_backward_is_refused():
+    (q, k, v), _ = make_inputs([64], [64], 2, 2, 64, torch.float32, varlen=False)
+    out = attention(q, k, v, causal=True)
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(dq.sum(), q)

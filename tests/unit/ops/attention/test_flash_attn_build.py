@@ -30,5 +30,6 @@ def test_cpu_torch_gives_a_reason():
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc not installed")
 @pytest.mark.parametrize("arch", FLASH_ATTN_ARCHS)
 def test_kernels_compile_with_nvcc(tmp_path, arch):
-    objects = FlashAttnBuilder().compile_kernel_objects(tmp_path, archs=(arch,))
+    # Head dim 128 only, to keep the suite short; the op build compiles all four head dims.
+    objects = FlashAttnBuilder().compile_kernel_objects(tmp_path, archs=(arch,), head_dim=128)
     assert len(objects) == 2 and all(o.is_file() and o.stat().st_size > 0 for o in objects)
