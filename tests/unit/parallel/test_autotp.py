@@ -130,7 +130,7 @@ def _gpt_train_body(tp, zero_stage):
     return _train_parity(build_example_gpt, _gpt_loss, tp, zero_stage)
 
 
-@pytest.mark.parametrize("world, tp, zero_stage", [(2, 2, 0), (4, 4, 0), (4, 2, 1), (4, 2, 2)])
+@pytest.mark.parametrize("world, tp, zero_stage", [(2, 2, 0), (4, 4, 0), (4, 2, 1), (4, 2, 2), (4, 2, 3)])
 def test_example_gpt_training_parity(world, tp, zero_stage):
     run_distributed(_gpt_train_body, world, args=(tp, zero_stage))
 
