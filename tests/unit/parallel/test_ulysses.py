@@ -221,3 +221,23 @@ def test_sp4_activation_memory_per_rank():
     # Saved-for-backward bytes of one forward, per rank, SP=4 over SP=1 (acceptance: <= 0.35).
     ratios = [r[0] for r in run_distributed(_memory_body, 4, args=(1024,))]
     assert max(ratios) <= 0.35, ratios
+
+
+def _fused_op_body():
+    import torch.distributed as dist
+    from deepscale.ops.attention import attention
+    from deepscale.sequence.layer import DistributedAttention
+    rank = dist.get_rank()
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, 12, 4, 16) for _ in range(3))  # (batch, seq, heads, dim): the op's layout
+    ref = attention(q, k, v, causal=True)
+    lo, hi = (0, 7) if rank == 0 else (7, 12)  # unequal slices
+    out = DistributedAttention(attention, None, scatter_idx=2, gather_idx=1)(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi],
+                                                                              causal=True)
+    assert torch.allclose(out, ref[:, lo:hi], rtol=1e-4, atol=1e-5), (out - ref[:, lo:hi]).abs().max()
+
+
+def test_with_deepscale_fused_attention_op():
+    # fp32; rtol 1e-4 because the op may pick its compiled CPU kernel, whose blocking differs from
+    # the one-process call on the whole batch of heads.
+    run_distributed(_fused_op_body, 2)
