@@ -114,9 +114,6 @@ _ABOVE_ONE_VALUES = (1, 2, 4, 8)
 UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("zero_optimization.stage", _zero_stage_unavailable, lambda v: f"ZeRO stage {v}",
                        _use_available_stages, values=(0, 1, 2, 3)),
-    UnavailableFeature("zero_optimization.offload_optimizer.device", _offloaded, "ZeRO-Offload of optimizer states",
-                       "set it to 'none' or remove offload_optimizer", scope="zero_optimization.offload_optimizer",
-                       values=("none", "cpu", "nvme")),
     UnavailableFeature("zero_optimization.offload_param.device", _offloaded, "ZeRO-Offload of parameters",
                        "set it to 'none' or remove offload_param", scope="zero_optimization.offload_param",
                        values=("none", "cpu", "nvme")),
