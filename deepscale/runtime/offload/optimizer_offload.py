@@ -152,8 +152,12 @@ class OptimizerOffload:
         if self.nvme is not None:
             nvme_grads = {i: g for i, g in enumerate(self.grads) if not self.on_device[i]}
             group_of = {i: g for i, g in enumerate(self.slab_groups)}
-            self.nvme.step(self.host_stepper, self.basic, group_of, nvme_grads, self._publish_fn)
-            self._agree_no_swap_error()
+            error = None
+            try:
+                self.nvme.step(self.host_stepper, self.basic, group_of, nvme_grads, self._publish_fn)
+            except OSError as err:  # a full disk, an I/O error: every rank must hear of it
+                error = err
+            self._agree_no_swap_error(error)
         self._mark_updated()
 
     def _run_step(self, dev_stepper, cpu_stepper) -> None:
@@ -171,14 +175,19 @@ class OptimizerOffload:
         for master in self.masters:
             master.grad = None
 
-    def _agree_no_swap_error(self) -> None:
-        # A full disk on one rank must stop every rank (never a hang in the next collective):
-        # the walk itself raises on the failing rank; this one flag tells the others.
-        if self.group is None and not dist.is_initialized():
-            return
-        if dist.get_world_size(self.group) > 1:
-            flag = torch.zeros(1)
+    def _agree_no_swap_error(self, error: Optional[OSError]) -> None:
+        # A full disk on one rank must stop every rank, never leave the others waiting in the
+        # next collective: one flag per step tells every rank whether any rank failed.
+        failed = error is not None
+        if dist.is_initialized() and dist.get_world_size(self.group) > 1:
+            flag = torch.tensor([1.0 if failed else 0.0])
             dist.all_reduce(flag, group=self.group)
+            failed = flag.item() > 0
+        if error is not None:
+            raise error
+        if failed:
+            raise OSError("NVMe optimizer swap failed on another rank (see its error, e.g. no space left under "
+                          f"offload_optimizer.nvme_path={self.settings.nvme_path!r}); stopping this rank too")
 
     # --- delayed parameter update ---------------------------------------------------------
     def _start_delayed(self) -> None:

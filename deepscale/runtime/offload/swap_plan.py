@@ -81,8 +81,15 @@ def swap_schedule(num_sub_groups: int, buffer_count: int, pipeline_read: bool = 
             read(index, acquire())
         buf = buffer_of[index]
         actions.append(SwapAction(WAIT_READ, index, buf))
-        if pipeline_read and index + 1 < num_sub_groups and free:
-            read(index + 1, free.popleft())
+        if pipeline_read and index + 1 < num_sub_groups:
+            # A write older than the previous sub-group's has had a whole update to finish: wait
+            # for it rather than give up the read-ahead (the previous write keeps overlapping).
+            if not free and len(writing) > 1:
+                done, done_buf = writing.popleft()
+                actions.append(SwapAction(WAIT_WRITE, done, done_buf))
+                free.append(done_buf)
+            if free:
+                read(index + 1, free.popleft())
         actions.append(SwapAction(UPDATE, index, buf))
         actions.append(SwapAction(WRITE, index, buf))
         writing.append((index, buf))

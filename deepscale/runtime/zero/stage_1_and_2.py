@@ -22,6 +22,7 @@ import torch
 from deepscale import comm as dist
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.offload import OptimizerOffload, OptimizerOffloadSettings, offload_settings_from_config
+from deepscale.runtime.offload.planner import check_offload_plan, sizes_for
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.collectives import all_gather_flat, pick_methods
@@ -171,6 +172,9 @@ class ZeroOptimizer(TrainingOptimizer):
             if self._masters[index] is None:  # fp32 model: the master is the model's own chunk
                 self._masters[index] = torch.nn.Parameter(self._own_chunk(bucket, flat))
         if self._offload_settings is not None:
+            check_offload_plan(self._offload_settings, sum(sum(b.plan.numels) for b in self.buckets), self.stage,
+                               self.world_size, sizes_for(self.model_dtype, self.basic, self._grad_args["accum_dtype"]),
+                               group=self.group)
             self.offload = OptimizerOffload(self._offload_settings, self.basic, self._masters,
                                             [b.plan.group_index for b in self.buckets], self._publish_range,
                                             rank=dist.get_rank() if dist.is_initialized() else 0, group=self.group)

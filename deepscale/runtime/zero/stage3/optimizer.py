@@ -20,6 +20,7 @@ import torch
 from deepscale import comm as dist
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.offload import OptimizerOffload, OptimizerOffloadSettings, offload_settings_from_config
+from deepscale.runtime.offload.planner import check_offload_plan, sizes_for
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.stage3.collectives import CollectiveRunner, twin_group
@@ -87,6 +88,7 @@ class Stage3Optimizer(TrainingOptimizer):
         self._offload_settings = offload_optimizer if offload_optimizer is not None and offload_optimizer.enabled \
             else None
         self.offload: Optional[OptimizerOffload] = None
+        self._accum_dtype = accum_dtype
         self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
         self.debug = bool(debug) or debug_enabled_from_env()
         self.runner = CollectiveRunner(group, world_size, reduce_group=twin_group(group, world_size),
@@ -164,6 +166,11 @@ class Stage3Optimizer(TrainingOptimizer):
                     self._slots[id(param)] = (slab_index, offset, length)
                     offset += length
         if self._offload_settings is not None:
+            largest = max((sum(p.ds_numel for p in m.parameters(recurse=False) if is_zero_param(p))
+                           for m in self._module.modules()), default=0)
+            check_offload_plan(self._offload_settings, sum(p.ds_numel for ps in self.group_params for p in ps), 3,
+                               self.world_size, sizes_for(self.model_dtype, self.basic, self._accum_dtype),
+                               group=self.group, largest_layer=largest)
             self.offload = OptimizerOffload(self._offload_settings, self.basic, self._masters, self._slab_group,
                                             self._publish_range, rank=dist.get_rank() if dist.is_initialized() else 0,
                                             group=self.group)
