@@ -69,6 +69,9 @@ class DataParallelOptimizer(TrainingOptimizer):
     def prepare_backward(self, sync: bool) -> None:
         self.reducer.begin_backward(sync)
 
+    def abort_backward(self) -> None:
+        self.reducer.abort_backward()
+
     def finish_backward(self, sync: bool) -> None:
         self.reducer.end_backward(sync)
         self._note_backward()

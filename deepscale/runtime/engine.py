@@ -243,7 +243,13 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         sync = self.is_gradient_accumulation_boundary() and not self._in_no_sync
         self._train_opt.prepare_backward(sync)
         scale = self.loss_scale / (self.gradient_accumulation_steps() if scale_wrt_gas else 1)
-        (loss.float() * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+        try:
+            (loss.float() * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+        except BaseException:
+            # disarm the gradient hooks: a later backward that is not the engine's (or a retry
+            # after the user handled the error) must not be taken as this one's
+            self._train_opt.abort_backward()
+            raise
         self._train_opt.finish_backward(sync)
         self._reporter.stop("backward")
         return loss

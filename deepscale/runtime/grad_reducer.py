@@ -128,6 +128,11 @@ class GradientReducer:
                 self._pending = True
         self._armed = True
 
+    def abort_backward(self) -> None:
+        """The owner's backward raised: disarm the hooks, so later backwards' gradients stay in
+        ``param.grad`` (the engine is not usable for this step; its collectives did not finish)."""
+        self._armed = False
+
     def end_backward(self, sync: bool) -> None:
         """Disarm the hooks; on ``sync`` finish the all-reduce of every bucket and average."""
         self._armed = False

@@ -84,6 +84,11 @@ class TrainingOptimizer:
     cur_scale = loss_scale
 
     @property
+    def overflow(self) -> bool:
+        """True when the last step was skipped for a non-finite gradient."""
+        return self.precision.last_overflow if self.precision is not None else False
+
+    @property
     def last_grad_norm(self):
         """Global gradient norm (unscaled, before clipping) of the last step; None after a skip."""
         return self.precision.last_grad_norm if self.precision is not None else None

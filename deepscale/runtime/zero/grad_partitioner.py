@@ -220,6 +220,10 @@ class PartitionedGradients:
         if self._on_reduced is not None:
             self._on_reduced(bucket)
 
+    def abort_backward(self) -> None:
+        """The owner's backward raised: disarm the hooks (later backwards' gradients stay in ``param.grad``)."""
+        self._armed = False
+
     def finish_backward(self, sync: bool) -> List[torch.nn.Parameter]:
         """Complete this backward's reductions; returns the parameters that got no gradient.
 

@@ -215,6 +215,9 @@ class ZeroOptimizer(TrainingOptimizer):
         if self._sync:
             self.offload.grads[bucket.index].copy_(bucket.own_grad, non_blocking=True)
 
+    def abort_backward(self) -> None:
+        self.grads.abort_backward()
+
     def finish_backward(self, sync: bool) -> None:
         missing = self.grads.finish_backward(sync)
         self._note_backward()

@@ -236,13 +236,17 @@ class Stage3Optimizer(TrainingOptimizer):
                 self._handles.append(param.register_post_accumulate_grad_hook(self._on_grad))
         for param, name in self.param_names.items():
             if param.requires_grad and id(param) not in self._slots:
-                self._handles.append(param.register_post_accumulate_grad_hook(_drop_grad))
+                self._handles.append(param.register_post_accumulate_grad_hook(self._drop_own_grad))
         self._handles.extend(install_load_hooks(self._module))
         access = Stage3TensorAccess(self)
         for params in self.group_params:
             for param in params:
                 param._deepscale_full_access = access
         self._refresh_persistent()
+
+    def _drop_own_grad(self, param: torch.nn.Parameter) -> None:
+        if self.coordinator.armed:  # another backward's gradients stay, as in PyTorch
+            _drop_grad(param)
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
         self.coordinator.grad_ready(param, param._ds_group)
@@ -281,8 +285,15 @@ class Stage3Optimizer(TrainingOptimizer):
 
     def prepare_backward(self, sync: bool) -> None:
         """Gradients are reduce-scattered every micro-step, so ``sync`` changes nothing."""
+        self.coordinator.close_stray_backward()
+        self.coordinator.armed = True
+
+    def abort_backward(self) -> None:
+        """The backward raised: take no more gradients (the next entry closes it)."""
+        self.coordinator.armed = False
 
     def finish_backward(self, sync: bool) -> None:
+        self.coordinator.armed = False
         self.coordinator.end_backward()
         self._pending_grads = True
         self._note_backward()
@@ -306,6 +317,7 @@ class Stage3Optimizer(TrainingOptimizer):
 
     def step(self) -> bool:
         """Unscale, clip, check overflow and update the fp32 masters; publish them into the shards."""
+        self.coordinator.close_stray_backward()
         self.coordinator.training.to(TrainingState.STEP)
         try:
             applied = super().step()
