@@ -176,6 +176,8 @@ class TuningOnlyKeys:
         except_keys: keys of the section that are not covered. Default ``()``.
         zero_stages: the rule holds only at these values of ``zero_optimization.stage``;
             None means at every stage. Default None.
+        unless: predicate on the whole config; where it holds the rule does not (the keys
+            take effect). Default None.
     """
 
     section: str
@@ -183,9 +185,12 @@ class TuningOnlyKeys:
     keys: Tuple[str, ...] = ()
     except_keys: Tuple[str, ...] = ()
     zero_stages: Optional[FrozenSet[int]] = None
+    unless: Optional[Callable[[Any], bool]] = None
 
     def applies(self, cfg) -> bool:
-        """Whether the rule holds for ``cfg`` (its ZeRO stage)."""
+        """Whether the rule holds for ``cfg`` (its ZeRO stage, ``unless``)."""
+        if self.unless is not None and self.unless(cfg):
+            return False
         return self.zero_stages is None or cfg.zero_optimization.stage in self.zero_stages
 
     def covers(self, section: str, key: str) -> bool:
@@ -204,6 +209,12 @@ def _zero_keys(*names: str) -> Tuple[str, ...]:
 
 
 _STAGES_1_TO_3 = frozenset({1, 2, 3})
+
+
+def _nvme_offload(cfg) -> bool:
+    zero = cfg.zero_optimization
+    return any(getattr(getattr(zero, key, None), "device", "none") == "nvme"
+               for key in ("offload_optimizer", "offload_param"))
 
 # What each ZeRO stage above 0 reads from zero_optimization, as the inverse: keys written at a
 # stage that does not use them get one warning each. (Stage 0 uses only ``stage`` and
@@ -228,7 +239,7 @@ ZERO_KEYS_IGNORED = [
                                    "overlap_comm")),
     TuningOnlyKeys("zero_optimization", "this ZeRO option is not implemented in this version",
                    zero_stages=_STAGES_1_TO_3,
-                   keys=_zero_keys("sub_group_size", "round_robin_gradients", "use_multi_rank_bucket_allreduce",
+                   keys=_zero_keys("round_robin_gradients", "use_multi_rank_bucket_allreduce",
                                    "legacy_stage1", "model_persistence_threshold", "module_granularity_threshold",
                                    "use_all_reduce_for_fetch_params", "allgather_sequential", "leaf_module",
                                    "memory_efficient_linear", "pipeline_loading_checkpoint", "override_module_apply",
@@ -243,8 +254,11 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
                    "zero_optimization.stage is 0",
                    except_keys=("stage", "reduce_bucket_size", "watchdog_timeout"), zero_stages=frozenset({0})),
     *ZERO_KEYS_IGNORED,
-    TuningOnlyKeys("aio", "the engine uses it for NVMe offload, which is not built yet (deepscale.ops.aio handles "
-                          "take these keys through AioConfig.from_dict)"),
+    TuningOnlyKeys("aio", "it tunes NVMe offload and no offload device is 'nvme'", unless=_nvme_offload),
+    TuningOnlyKeys("zero_optimization.offload_optimizer", "states are always created at the first step (the fast "
+                   "path), and the CPU optimizer uses the rank's torch threads", keys=("fast_init", "cpuadam_cores_perc")),
+    TuningOnlyKeys("zero_optimization.offload_optimizer", "SuperOffload and optimizer buffer sizes are not "
+                   "implemented in this version", keys=("super_offload", "buffer_size")),
     TuningOnlyKeys("checkpoint", "universal checkpoints (DeepSpeed's included) are detected and loaded "
                    "automatically, so it is not needed", keys=("load_universal",)),
     TuningOnlyKeys("checkpoint", "this checkpoint option is not implemented yet"),
@@ -260,8 +274,8 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     TuningOnlyKeys("", "CUDA graph harvesting is not built yet", keys=("graph_harvesting",)),
     TuningOnlyKeys("", "sequence parallelism is not built yet", keys=("seq_parallel_communication_data_type",)),
     TuningOnlyKeys("", "mixture-of-experts (MoE) is not built yet", keys=("use_data_before_expert_parallelism",)),
-    TuningOnlyKeys("", "it only applies with ZeRO-Offload, which is not built yet",
-                   keys=("zero_force_ds_cpu_optimizer",)),
+    TuningOnlyKeys("", "an offloaded step always uses deepscale's CPU optimizer where one fits (Adam, AdamW, Adagrad, "
+                   "Lion) and the optimizer's own step on the host otherwise", keys=("zero_force_ds_cpu_optimizer",)),
     TuningOnlyKeys("", "state dumps are not implemented yet", keys=("dump_state",)),
     TuningOnlyKeys("", "sparse embedding gradients are all-reduced densely in this version",
                    keys=("sparse_gradients",)),

@@ -44,8 +44,6 @@ def test_feature_error_is_a_value_error():
 
 
 @pytest.mark.parametrize("sections, key, feature", [
-    ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
-     "zero_optimization.offload_optimizer.device=cpu", "ZeRO-Offload of optimizer states"),
     ({"zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": "/nvme"}}},
      "zero_optimization.offload_param.device=nvme", "ZeRO-Offload of parameters"),
     ({"zero_optimization": {"zenflow": {}}}, "the 'zero_optimization.zenflow' section", "ZenFlow"),
