@@ -24,6 +24,7 @@ the host updates to step t. ``publish()`` of the next step (or :meth:`flush`) wa
 copies the result in. This changes numerics (gradients are one step stale), exactly like
 applying every update one step late.
 """
+import os
 import threading
 from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional, Sequence
@@ -38,6 +39,7 @@ from deepscale.runtime.offload.settings import OptimizerOffloadSettings
 from deepscale.utils.logging import log_dist, logger
 
 Publish = Callable[[int, int, torch.Tensor], None]
+SHARE_HOST_ENV = "DEEPSCALE_OFFLOAD_SHARE_HOST"
 
 
 def device_slabs(numels: Sequence[int], ratio: float) -> List[bool]:
@@ -64,10 +66,13 @@ class OptimizerOffload:
         slab_groups: the optimizer param group of every slab.
         publish: ``publish(slab, start, values)``, see the module Note.
         rank, group: this rank (global rank names the swap directory) and the data-parallel group.
+        grad_buffers: the stage's own fp32 gradient chunk of every slab; on a CPU accelerator
+            they are used as the host gradients instead of copies (see :attr:`shares_host`). Default None.
     """
 
     def __init__(self, settings: OptimizerOffloadSettings, basic, initial_masters: Sequence[torch.Tensor],
-                 slab_groups: Sequence[int], publish: Publish, rank: int = 0, group=None):
+                 slab_groups: Sequence[int], publish: Publish, rank: int = 0, group=None,
+                 grad_buffers: Optional[Sequence[torch.Tensor]] = None):
         if settings.delayed_update and settings.nvme:
             raise ValueError("zero_optimization.offload_optimizer.delayed_param_update works with device 'cpu' only "
                              "(an NVMe step publishes sub-groups while it walks them); allowed with nvme: false")
@@ -79,18 +84,33 @@ class OptimizerOffload:
         self.masters: List[torch.nn.Parameter] = []
         self.grads: List[torch.Tensor] = []
         self.nvme = None
+        # Note: a CPU accelerator. When the model itself lives in host memory there is nothing
+        # to move: the stage's fp32 masters and gradient chunks already are host tensors, so they
+        # are used in place instead of copied (no extra memory, no copies per step). The
+        # copying path, what GPUs run, is forced with DEEPSCALE_OFFLOAD_SHARE_HOST=0 (tests).
+        # DPU updates the masters while the model computes with the previous weights: never shared.
+        self.shares_host = os.environ.get(SHARE_HOST_ENV, "1") != "0" and not settings.delayed_update and all(
+            m.device.type == "cpu" and m.dtype == torch.float32 and m.is_contiguous() for m in initial_masters)
         nvme_numels = {}
         for index, values in enumerate(initial_masters):
-            if self.on_device[index]:
-                master = values.detach().reshape(-1).float().clone()
-                grad = torch.zeros_like(master)
+            own_grad = grad_buffers[index] if grad_buffers is not None else None
+            share_grad = (self.shares_host and own_grad is not None and own_grad.dtype == torch.float32
+                          and own_grad.device.type == "cpu")
+            if settings.nvme and not self.on_device[index]:
+                nvme_numels[index], master = numels[index], torch.nn.Parameter(torch.empty(0))
+            elif self.shares_host:
+                master = values if isinstance(values, torch.nn.Parameter) else torch.nn.Parameter(values.detach())
+            elif self.on_device[index]:
+                master = torch.nn.Parameter(values.detach().reshape(-1).float().clone())
+            else:
+                master = torch.nn.Parameter(host_copy(values, pin=settings.pin_memory))
+            if share_grad:
+                grad = own_grad
+            elif self.on_device[index] and not settings.nvme:
+                grad = torch.zeros(numels[index], dtype=torch.float32, device=values.device)
             else:
                 grad = host_zeros(numels[index], pin=settings.pin_memory)
-                if settings.nvme:
-                    nvme_numels[index], master = numels[index], torch.empty(0)
-                else:
-                    master = host_copy(values, pin=settings.pin_memory)
-            self.masters.append(torch.nn.Parameter(master))
+            self.masters.append(master)
             self.grads.append(grad)
         if nvme_numels:
             self._open_nvme(nvme_numels, initial_masters, rank)

@@ -162,6 +162,10 @@ class ZeroOptimizer(TrainingOptimizer):
 
         Call once the model has its final dtype and device.
         """
+        if self._offload_settings is not None:  # before anything is allocated
+            check_offload_plan(self._offload_settings, sum(sum(b.plan.numels) for b in self.buckets), self.stage,
+                               self.world_size, sizes_for(self.model_dtype, self.basic, self._grad_args["accum_dtype"]),
+                               group=self.group)
         for index, bucket in enumerate(self.buckets):
             plan = bucket.plan
             flat = torch.zeros(plan.padded, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
@@ -171,22 +175,20 @@ class ZeroOptimizer(TrainingOptimizer):
             self.model_buffers.append(flat)
             if self._masters[index] is None:  # fp32 model: the master is the model's own chunk
                 self._masters[index] = torch.nn.Parameter(self._own_chunk(bucket, flat))
+        on_reduced = self._stream_grad_to_host if self._offload_settings is not None else None
+        self.grads = PartitionedGradients(self.buckets, self.stage, self.rank, self.world_size, self.group,
+                                          param_names=self.param_names, on_reduced=on_reduced, **self._grad_args)
         if self._offload_settings is not None:
-            check_offload_plan(self._offload_settings, sum(sum(b.plan.numels) for b in self.buckets), self.stage,
-                               self.world_size, sizes_for(self.model_dtype, self.basic, self._grad_args["accum_dtype"]),
-                               group=self.group)
             self.offload = OptimizerOffload(self._offload_settings, self.basic, self._masters,
                                             [b.plan.group_index for b in self.buckets], self._publish_range,
-                                            rank=dist.get_rank() if dist.is_initialized() else 0, group=self.group)
+                                            rank=dist.get_rank() if dist.is_initialized() else 0, group=self.group,
+                                            grad_buffers=self.grads.own_grads())
             self._masters = list(self.offload.masters)
         for group_index, group in enumerate(self.basic.param_groups):
             group["params"] = [self._masters[i] for i, b in enumerate(self.buckets)
                                if b.plan.group_index == group_index]
         self.precision = PrecisionOptimizer(self.basic, model_dtype=torch.float32, loss_scaler=self._loss_scaler,
                                             clip_grad=self._clip_grad, offload=self.offload)
-        on_reduced = self._stream_grad_to_host if self.offload is not None else None
-        self.grads = PartitionedGradients(self.buckets, self.stage, self.rank, self.world_size, self.group,
-                                          param_names=self.param_names, on_reduced=on_reduced, **self._grad_args)
         access = FullTensorAccess(self)
         for bucket in self.buckets:
             for param in bucket.params:
@@ -199,8 +201,9 @@ class ZeroOptimizer(TrainingOptimizer):
     @torch.no_grad()
     def _publish_range(self, index: int, start: int, values: torch.Tensor) -> None:
         """Offload: copy updated master values of bucket ``index`` into the rank's chunk of the model."""
-        own = self._own_chunk(self.buckets[index], self.model_buffers[index])
-        own[start:start + values.numel()].copy_(values)
+        own = self._own_chunk(self.buckets[index], self.model_buffers[index])[start:start + values.numel()]
+        if own.data_ptr() != values.data_ptr():  # on a CPU accelerator an fp32 master is the chunk itself
+            own.copy_(values)
 
     # --- backward -------------------------------------------------------------------------
     def prepare_backward(self, sync: bool) -> None:
@@ -212,8 +215,9 @@ class ZeroOptimizer(TrainingOptimizer):
         # Offload: a bucket's reduced chunk goes to the host as soon as it is final (stage 2
         # reduces every micro-step; only the boundary's result is final), in bucket order,
         # while backward still runs. non_blocking: the host step synchronizes first.
-        if self._sync:
-            self.offload.grads[bucket.index].copy_(bucket.own_grad, non_blocking=True)
+        host = self.offload.grads[bucket.index]
+        if self._sync and host.data_ptr() != bucket.own_grad.data_ptr():
+            host.copy_(bucket.own_grad, non_blocking=True)
 
     def abort_backward(self) -> None:
         self.grads.abort_backward()

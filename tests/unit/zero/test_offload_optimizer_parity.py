@@ -2,7 +2,8 @@
 
 Two ranks on gloo, 10 steps of 2 micro-batches with gradient clipping; small buckets (200
 elements) and ``sub_group_size`` 150 cut every master into several slabs and NVMe sub-groups.
-fp32: losses and final weights within 1e-6 relative (measured: identical at stages 1-2, 5e-8 at
+"cpu" uses the CPU accelerator's own fp32 buffers as host buffers; "cpu_copy" forces the copies
+a GPU makes (DEEPSCALE_OFFLOAD_SHARE_HOST=0). fp32: losses and final weights within 1e-6 relative (measured: identical at stages 1-2, 5e-8 at
 stage 3, where slab boundaries change the chunking of the gradient norm). bf16: within 1e-3.
 """
 import os
@@ -19,12 +20,20 @@ NUM_STEPS, GAS, CLIP = 10, 2, 0.05
 
 def _run(stage, dtype, nvme_root, devices, offload_extra):
     import torch.distributed as dist
+    from deepscale.runtime.offload.optimizer_offload import SHARE_HOST_ENV
     extra_cfg = {dtype: {"enabled": True}} if dtype != "fp32" else {}
     out = {}
     for device in devices:
         root = os.path.join(nvme_root, device)
-        engine = build_engine(stage, 2, gas=GAS, clip=CLIP, extra_cfg=extra_cfg, sub_group_size=150,
-                              **offload_kwargs(device, root, **(offload_extra if device != "none" else {})))
+        # "cpu" uses the CPU accelerator's fp32 buffers in place; "cpu_copy" and "nvme" copy
+        # gradients to separate host buffers and masters back, as on a GPU.
+        os.environ[SHARE_HOST_ENV] = "1" if device == "cpu" else "0"
+        kind = device.split("_")[0]
+        try:
+            engine = build_engine(stage, 2, gas=GAS, clip=CLIP, extra_cfg=extra_cfg, sub_group_size=150,
+                                  **offload_kwargs(kind, root, **(offload_extra if kind != "none" else {})))
+        finally:
+            del os.environ[SHARE_HOST_ENV]
         losses = train(engine, 2, range(NUM_STEPS), gas=GAS)
         files = swap_files(root)
         out[device] = (losses, module_params(engine), files)
@@ -52,7 +61,7 @@ def _check(results, rtol, devices):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_fp32_offload_matches_no_offload(stage, tmp_path):
-    devices = ("none", "cpu", "nvme")
+    devices = ("none", "cpu", "cpu_copy", "nvme")
     _check(run_distributed(_run, 2, args=(stage, "fp32", str(tmp_path), devices, {})), 1e-6, devices[1:])
 
 
@@ -75,6 +84,6 @@ def test_nvme_pipelines_keep_numerics(extra, tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_twin_flow_ratio_keeps_numerics(stage, tmp_path):
     # ratio 0.5: about half the slabs step where the model lives, half on the host
-    devices = ("none", "cpu")
+    devices = ("none", "cpu", "cpu_copy")
     _check(run_distributed(_run, 2, args=(stage, "fp32", str(tmp_path), devices, {"ratio": 0.5})), 1e-6,
            devices[1:])

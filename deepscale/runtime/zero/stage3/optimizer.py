@@ -182,7 +182,8 @@ class Stage3Optimizer(TrainingOptimizer):
                 slab, offset, length = self._slots[id(param)]
                 if self._masters[slab].numel():  # an NVMe master is an empty shell between steps
                     param._ds_master_view = self._masters[slab].detach()[offset:offset + length]
-        if self.model_dtype == torch.float32 and self.offload is None:
+        if self.model_dtype == torch.float32 and (self.offload is None or (self.offload.shares_host
+                                                                          and self.offload.nvme is None)):
             self._share_fp32_shards()
         managed = [p for params in self.group_params for p in params
                    if self.offload is None and p.ds_tensor.data_ptr() != p._ds_master_view.data_ptr()]
@@ -205,8 +206,9 @@ class Stage3Optimizer(TrainingOptimizer):
         for param in self._slab_params[slab]:
             _, offset, length = self._slots[id(param)]
             begin, stop = max(offset, start), min(offset + length, end)
-            if begin < stop:
-                param.ds_tensor[begin - offset:stop - offset].copy_(values[begin - start:stop - start])
+            dst, src = param.ds_tensor[begin - offset:stop - offset], values[begin - start:stop - start]
+            if begin < stop and dst.data_ptr() != src.data_ptr():  # a shared fp32 shard is the master itself
+                dst.copy_(src)
 
     def _share_fp32_shards(self) -> None:
         """An fp32 model's shards equal its masters: let each group whose pieces are one range of
