@@ -6,8 +6,8 @@ created by the optimizer at its first update (so an untrained sub-group has only
 disk) and their elementwise keys are learned then; non-elementwise entries (Adam's ``step``)
 stay in memory per sub-group.
 """
-from contextlib import contextmanager
-from typing import Callable, Dict, List, Optional, Sequence
+import time
+from typing import Callable, Dict, List
 
 import torch
 
@@ -50,6 +50,9 @@ class NvmeStates:
         self._initialized = [False] * len(self.sub_groups)
         self._scalars: List[dict] = [{} for _ in self.sub_groups]
         self._params = [torch.nn.Parameter(torch.empty(0)) for _ in self.sub_groups]
+        #: timings and bytes of the last step: swap_in_wait_s, optimizer_s, swap_out_wait_s, step_s,
+        #: bytes_read, bytes_written (benchmarks/bench_offload_flagship.py reports them)
+        self.last_step_stats: Dict[str, float] = {}
 
     # --- buffers --------------------------------------------------------------------------
     def _buffer(self, index: int, key: str) -> torch.Tensor:
@@ -91,8 +94,12 @@ class NvmeStates:
             grads: slab -> its (unscaled, clipped) fp32 gradient on the host.
             publish: ``publish(slab, start, values)`` copies updated master values into the model.
         """
+        timer = time.perf_counter
+        stats = {"swap_in_wait_s": 0.0, "optimizer_s": 0.0, "swap_out_wait_s": 0.0, "step_s": -timer(),
+                 "bytes_read": -self.files.bytes_read, "bytes_written": -self.files.bytes_written}
         for action in self.schedule:
             sg = self.sub_groups[action.sub_group]
+            start = timer()
             if action.kind == READ:
                 for key in self._keys_on_disk(sg):
                     self.files.read(self._name(sg, key), self._buffer(action.buffer, key), sg.numel)
@@ -100,14 +107,21 @@ class NvmeStates:
                 self.files.wait_reads()
                 for key in self._keys_on_disk(sg):
                     self.files.verify(self._name(sg, key), self._buffer(action.buffer, key))
+                stats["swap_in_wait_s"] += timer() - start
             elif action.kind == UPDATE:
                 self._update(sg, action.buffer, stepper, basic, group_of_slab[sg.slab], grads[sg.slab])
                 publish(sg.slab, sg.start, self._buffer(action.buffer, MASTER)[:sg.numel])
+                stats["optimizer_s"] += timer() - start
             elif action.kind == WRITE:
                 for key in self._keys_on_disk(sg):
                     self.files.write(self._name(sg, key), self._buffer(action.buffer, key), sg.numel)
             elif action.kind == WAIT_WRITE:
                 self.files.wait_writes()
+                stats["swap_out_wait_s"] += timer() - start
+        stats["step_s"] += timer()
+        stats["bytes_read"] += self.files.bytes_read
+        stats["bytes_written"] += self.files.bytes_written
+        self.last_step_stats = stats
 
     def _update(self, sg: SubGroup, buf: int, stepper, basic, group_index: int, grad: torch.Tensor) -> None:
         param = self._params[sg.index]

@@ -36,7 +36,6 @@ from deepscale.accelerator import get_accelerator
 from deepscale.runtime.offload.host_memory import host_copy, host_zeros
 from deepscale.runtime.offload.host_optimizer import device_stepper, host_stepper, sync_groups
 from deepscale.runtime.offload.settings import OptimizerOffloadSettings
-from deepscale.utils.logging import log_dist, logger
 
 Publish = Callable[[int, int, torch.Tensor], None]
 SHARE_HOST_ENV = "DEEPSCALE_OFFLOAD_SHARE_HOST"
