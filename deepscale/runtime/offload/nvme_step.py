@@ -62,10 +62,6 @@ class NvmeStates:
             found = self._buffers[(index, key)] = host_empty(numel, torch.float32, self.pin)
         return found
 
-    def buffer_bytes(self) -> int:
-        """Bytes of the host buffers allocated so far."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
     def _name(self, sg: SubGroup, key: str) -> str:
         return f"sg{sg.index}.{key}"
 

@@ -133,13 +133,6 @@ class OptimizerOffload:
         self.nvme.release_buffers()
 
     # --- what the stage reads -------------------------------------------------------------
-    def masters_of_group(self, group_index: int) -> List[torch.nn.Parameter]:
-        return [m for m, g in zip(self.masters, self.slab_groups) if g == group_index]
-
-    def zero_grads(self) -> None:
-        for grad in self.grads:
-            grad.zero_()
-
     def step_grads(self) -> List[torch.Tensor]:
         """The gradients the norm and the clipping run over (every slab's)."""
         # Device->host copies were started non_blocking during backward; the host reads them now.
@@ -301,13 +294,6 @@ class OptimizerOffload:
                     self.basic.state.pop(master, None)
             finally:
                 self.nvme.release_buffers()
-
-    def nvme_bytes(self) -> int:
-        """Bytes of swap files written so far and still on disk (0 without NVMe)."""
-        if self.nvme is None:
-            return 0
-        return sum(self.nvme.files.padded_numel(sg.numel, torch.float32) * 4 * (1 + len(self.nvme.state_keys))
-                   for sg in self.nvme.sub_groups)
 
     def close(self) -> None:
         """Finish a delayed update and remove the swap files."""

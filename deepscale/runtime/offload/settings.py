@@ -11,7 +11,7 @@ from typing import Optional
 from deepscale.ops.aio.config import AioConfig
 
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
-# Verify swap files on every read (also zero_optimization.debug_sequence_check).
+# Verify swap files on every read (also zero_optimization.debug_sequence_check at stage 3).
 DEBUG_ENV = "DEEPSCALE_OFFLOAD_DEBUG"
 
 
@@ -99,4 +99,4 @@ def offload_settings_from_config(config) -> OptimizerOffloadSettings:
         fast_init=bool(section.fast_init), aio=_aio_from_config(config),
         delayed_update=bool(getattr(section, "delayed_param_update", False)),
         delayed_update_warmup=int(getattr(section, "delayed_param_update_warmup_steps", 0)),
-        debug=bool(getattr(zero, "debug_sequence_check", False)) or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"))
+        debug=(zero.stage == 3 and bool(getattr(zero, "debug_sequence_check", False))) or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"))

@@ -21,6 +21,7 @@ NUM_STEPS, GAS, CLIP = 10, 2, 0.05
 def _run(stage, dtype, nvme_root, devices, offload_extra):
     import torch.distributed as dist
     from deepscale.runtime.offload.optimizer_offload import SHARE_HOST_ENV
+    from deepscale.runtime.offload.settings import DEBUG_ENV
     extra_cfg = {dtype: {"enabled": True}} if dtype != "fp32" else {}
     out = {}
     for device in devices:
@@ -29,11 +30,15 @@ def _run(stage, dtype, nvme_root, devices, offload_extra):
         # gradients to separate host buffers and masters back, as on a GPU.
         os.environ[SHARE_HOST_ENV] = "1" if device == "cpu" else "0"
         kind = device.split("_")[0]
+        extra = dict(offload_extra if kind != "none" else {})
+        if extra.pop("debug", False):  # verify every swap-file read (sizes and CRCs)
+            os.environ[DEBUG_ENV] = "1"
         try:
             engine = build_engine(stage, 2, gas=GAS, clip=CLIP, extra_cfg=extra_cfg, sub_group_size=150,
-                                  **offload_kwargs(kind, root, **(offload_extra if kind != "none" else {})))
+                                  **offload_kwargs(kind, root, **extra))
         finally:
             del os.environ[SHARE_HOST_ENV]
+            os.environ.pop(DEBUG_ENV, None)
         losses = train(engine, 2, range(NUM_STEPS), gas=GAS)
         files = swap_files(root)
         out[device] = (losses, module_params(engine), files)
@@ -72,10 +77,10 @@ def test_bf16_offload_matches_no_offload(stage, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [
-    {"pipeline_read": True, "pipeline_write": True, "buffer_count": 3},
+    {"pipeline_read": True, "pipeline_write": True, "buffer_count": 3, "debug": True},
     {"pipeline_read": True, "pipeline_write": True, "buffer_count": 1},
     {"pipeline_read": True, "buffer_count": 2, "pin_memory": True},
-], ids=["full_overlap", "one_buffer", "read_ahead_pinned"])
+], ids=["full_overlap_debug", "one_buffer", "read_ahead_pinned"])
 def test_nvme_pipelines_keep_numerics(extra, tmp_path):
     devices = ("none", "nvme")
     _check(run_distributed(_run, 2, args=(2, "fp32", str(tmp_path), devices, extra)), 1e-6, devices[1:])
