@@ -114,9 +114,6 @@ _ABOVE_ONE_VALUES = (1, 2, 4, 8)
 UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("zero_optimization.stage", _zero_stage_unavailable, lambda v: f"ZeRO stage {v}",
                        _use_available_stages, values=(0, 1, 2, 3)),
-    UnavailableFeature("zero_optimization.offload_param.device", _offloaded, "ZeRO-Offload of parameters",
-                       "set it to 'none' or remove offload_param", scope="zero_optimization.offload_param",
-                       values=("none", "cpu", "nvme")),
     # Stage 3 reduce-scatters without the pre-division (the averaged gradient is the same), and it
     # tolerates parameters that get no gradient; refusing beats silently doing something else.
     UnavailableFeature("prescale_gradients", _on, "gradient pre-division in the ZeRO stage 3 reduce-scatter",
@@ -231,7 +228,7 @@ ZERO_KEYS_IGNORED = [
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stage 3 only", zero_stages=frozenset({1, 2}),
                    keys=_zero_keys("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters",
                                    "max_reuse_distance", "gather_16bit_weights_on_model_save",
-                                   "debug_sequence_check",
+                                   "debug_sequence_check", "offload_param",
                                    "stage3_gather_fp16_weights_on_model_save")),
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stages 1-2 only (stage 3 gathers parameters by module "
                    "and always overlaps its reduce-scatters with backward)", zero_stages=frozenset({3}),
@@ -272,8 +269,7 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     TuningOnlyKeys("", "it is deprecated; use communication_data_type", keys=("fp32_allreduce",)),
     TuningOnlyKeys("", "DeepSpeed only uses it for a tensor-core alignment hint", keys=("vocabulary_size",)),
     TuningOnlyKeys("", "CUDA graph harvesting is not built yet", keys=("graph_harvesting",)),
-    TuningOnlyKeys("", "sequence parallelism is not built yet", keys=("seq_parallel_communication_data_type",)),
-    TuningOnlyKeys("", "mixture-of-experts (MoE) is not built yet", keys=("use_data_before_expert_parallelism",)),
+    TuningOnlyKeys("", "Ulysses all-to-alls run in the activation dtype", keys=("seq_parallel_communication_data_type",)),
     TuningOnlyKeys("", "an offloaded step always uses deepscale's CPU optimizer where one fits (Adam, AdamW, Adagrad, "
                    "Lion) and the optimizer's own step on the host otherwise", keys=("zero_force_ds_cpu_optimizer",)),
     TuningOnlyKeys("", "state dumps are not implemented yet", keys=("dump_state",)),

@@ -2,7 +2,10 @@
 from pydantic import Field
 
 from deepscale.config.base import ConfigSection
-from deepscale.config.fields import AutoOrInt, Bool, DtypeName, Int, Str
+from deepscale.config.fields import AutoOrInt, Bool, DtypeName, Int, Str, choice
+
+# Names of deepscale.runtime.pipe.schedules.SCHEDULES (config imports nothing from the runtime).
+PipeSchedule = choice("1f1b", "gpipe", "interleaved_1f1b", "zb_h1", "zb_v")
 
 
 class PipelineConfig(ConfigSection):
@@ -19,6 +22,8 @@ class PipelineConfig(ConfigSection):
             tensor-parallel group. Default True.
         grad_partitioned: likewise for gradients. Default True.
         use_reentrant: use the reentrant checkpoint implementation. Default True.
+        schedule: the pipeline schedule: ``"1f1b"`` (default, DeepSpeed's), ``"gpipe"``,
+            ``"interleaved_1f1b"``, ``"zb_h1"`` or ``"zb_v"`` (see docs/pipeline.md).
     """
 
     stages: AutoOrInt = "auto"
@@ -28,6 +33,7 @@ class PipelineConfig(ConfigSection):
     pipe_partitioned: Bool = True
     grad_partitioned: Bool = True
     use_reentrant: Bool = True
+    schedule: PipeSchedule = "1f1b"
 
 
 class TPConfig(ConfigSection):

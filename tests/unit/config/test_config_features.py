@@ -44,8 +44,6 @@ def test_feature_error_is_a_value_error():
 
 
 @pytest.mark.parametrize("sections, key, feature", [
-    ({"zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": "/nvme"}}},
-     "zero_optimization.offload_param.device=nvme", "ZeRO-Offload of parameters"),
     ({"zero_optimization": {"zenflow": {}}}, "the 'zero_optimization.zenflow' section", "ZenFlow"),
     ({"pipeline": {"stages": 4}}, "pipeline.stages=4", "pipeline parallelism"),
     ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size=2", "AutoTP"),

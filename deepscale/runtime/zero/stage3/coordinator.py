@@ -95,6 +95,9 @@ class ParamCoordinator:
         self._reduce_order: List[int] = []
         self._launched = 0  # how many groups of _reduce_order this backward has reduced
         self._ready: set = set()
+        # parameter offload (runtime/offload/param_offload.py): told where each phase begins
+        # and ends, so that it reads shards ahead in the order the last pass used them
+        self.offload = None
         self.armed = False  # the owning engine's own backward is running (see the Note on other backwards)
 
     # --- gather / release -----------------------------------------------------------------
@@ -160,6 +163,8 @@ class ParamCoordinator:
             return  # forward during backward: activation checkpointing recomputes
         self.training.to(TrainingState.FORWARD)
         self._current, self._on_track, self._prefetch_cursor = [], bool(self.trace), 0
+        if self.offload is not None:
+            self.offload.begin_phase("forward")
         self._modules_run = 0
 
     def enter_module(self, name: str, index: int) -> None:
@@ -183,6 +188,10 @@ class ParamCoordinator:
                 self.release(group)
         self._set_trace(self._current)
         self.training.to(TrainingState.IDLE)
+        if self.offload is not None:
+            self.offload.end_phase()
+            if torch.is_grad_enabled():
+                self.offload.prepare_phase("backward")
 
     def _set_trace(self, trace: List[int]) -> None:
         self.trace = list(trace)
@@ -275,6 +284,8 @@ class ParamCoordinator:
         if self.training == TrainingState.IDLE:
             self.training.to(TrainingState.BACKWARD)
             self._bwd_cursor = len(self.trace) - 1
+            if self.offload is not None:
+                self.offload.begin_phase("backward")
         for group in groups:
             self.fetch(group)
         if self.prefetch_numel > 0 and self.training == TrainingState.BACKWARD:
@@ -289,6 +300,25 @@ class ParamCoordinator:
                     return
                 self._start(group)
             self._bwd_cursor -= 1
+
+    def has_frozen(self, groups: Sequence[ParamGroup]) -> bool:
+        """Whether any of ``groups`` has no trainable parameter (no gradient ever releases it)."""
+        return any(not self.trainable_of[g.index] for g in groups)
+
+    def post_backward(self, groups: Sequence[ParamGroup]) -> None:
+        """A module's backward is done: release its groups that have no trainable parameter.
+
+        Note: frozen groups in backward. A group is released in backward once its gradients
+        are in (``grad_ready``); a group of frozen parameters gets none, so without this it
+        stayed gathered until the backward ended: a frozen body of any size was held whole.
+        Its modules' inputs pass through an identity whose backward runs when the module's
+        backward finished (``hooks._PostBackward``, as PyTorch FSDP2 does); a later module
+        that reads the group again gathers it again in its pre-backward hook."""
+        if self.training != TrainingState.BACKWARD:
+            return
+        for group in groups:
+            if not self.trainable_of[group.index] and group.users == 0:
+                self.release(group)
 
     def grad_ready(self, param: torch.nn.Parameter, group: ParamGroup) -> None:
         """Post-accumulate-grad hook: reduce the group once all its trainable gradients are in."""
@@ -353,6 +383,8 @@ class ParamCoordinator:
         self.running_hooks.clear()
         if self.training == TrainingState.BACKWARD:
             self.training.to(TrainingState.IDLE)
+        if self.offload is not None:
+            self.offload.end_phase()
 
     @property
     def has_pending_reduces(self) -> bool:
