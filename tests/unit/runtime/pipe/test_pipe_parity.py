@@ -74,7 +74,7 @@ def test_pp2_dp2(schedule):
     _run(2, 2, schedule)
 
 
-@pytest.mark.parametrize("zero_stage", [1, 2])
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_pp2_dp2_zero(zero_stage):
     _run(2, 2, "1f1b", zero_stage=zero_stage, optimizer="adam")
 
