@@ -87,7 +87,7 @@ class PipelineEngine(Engine):
 
     def _needs_data(self) -> bool:
         # Stage 0 holds the first chunk; the last chunk is on the last stage, or on stage 0 for ZB-V.
-        return self.is_first_stage() or self.is_last_stage()
+        return self.is_first_stage() or self._holds_last_chunk()
 
     def set_dataiterator(self, iterator) -> None:
         """Set the iterator ``train_batch`` reads (first and last stages; others ignore it)."""
@@ -187,9 +187,7 @@ class PipelineEngine(Engine):
         return bool(flag.item())
 
     def _holds_last_chunk(self) -> bool:
-        vs_last = self.num_stages * self.module.num_virtual_stages - 1
-        return any(self.module.chunk_layer_range(c)[1] == self.module.parts[vs_last + 1]
-                   for c in range(self.module.num_virtual_stages))
+        return self._last_chunk_stage() == self.stage_id
 
     def _padded_losses(self, losses, count: int):
         return losses if self._holds_last_chunk() else [None] * count
