@@ -65,12 +65,12 @@ def test_pp2_every_schedule(schedule):
     _run(2, 1, schedule)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "interleaved_1f1b", "zb_h1", "zb_v"])
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "interleaved_1f1b", "zb_h1", "zb_v"])
 def test_pp4(schedule):
     _run(4, 1, schedule)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "zb_h1"])
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "interleaved_1f1b", "zb_h1", "zb_v"])
 def test_pp2_dp2(schedule):
     _run(2, 2, schedule)
 
