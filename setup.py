@@ -19,7 +19,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-OP_NAMES = ("cpu_adam", "cpu_adagrad", "cpu_lion", "fused_adam", "async_io", "async_io_uring")
+OP_NAMES = ("cpu_adam", "cpu_adagrad", "cpu_lion", "fused_adam", "async_io", "async_io_uring", "cpu_attention",
+            "flash_attn")
 
 
 def requested_ops():

@@ -159,3 +159,16 @@ def format_table(headers, rows) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+def spawn_and_collect(worker, nproc: int, *args):
+    """Run ``worker(rank, *args, port, out_dir, result_path)`` on ``nproc`` spawned processes and
+    return the JSON that rank 0 wrote to ``result_path`` (torch is imported here, not at module load)."""
+    import tempfile
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        result_path = os.path.join(out_dir, "result.json")
+        mp.spawn(worker, args=(*args, free_port(), out_dir, result_path), nprocs=nproc, join=True)
+        with open(result_path) as handle:
+            return json.load(handle)

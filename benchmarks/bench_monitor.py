@@ -13,12 +13,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._bench_common import free_port, median  # noqa: E402
+from benchmarks._bench_common import median, spawn_and_collect  # noqa: E402
 
 # "off_again" is a second engine with everything off: its difference to "off" is the noise floor.
 VARIANTS = ("off", "monitors", "comms", "off_again")
@@ -140,13 +139,7 @@ def _worker(rank, args, port, out_dir, result_path):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        result_path = os.path.join(out_dir, "result.json")
-        mp.spawn(_worker, args=(args, free_port(), out_dir, result_path), nprocs=args.nproc, join=True)
-        with open(result_path) as handle:
-            result = json.load(handle)
+    result = spawn_and_collect(_worker, args.nproc, args)
     base = median(result["times"]["off"])
     summary = {v: {"median_ms": median(result["times"][v]), "overhead_pct": 100 * (median(result["times"][v]) / base - 1)}
                for v in VARIANTS}

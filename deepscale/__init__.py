@@ -21,12 +21,13 @@ _LAZY_ATTRIBUTES = {
     # DeepSpeed's names for the same classes (integrations import them from the top level).
     "DeepSpeedEngine": "deepscale.runtime.engine",
     "DeepSpeedConfig": "deepscale.runtime.config",
+    "tp_model_init": "deepscale.runtime.model_parallel_setup",
 }
 _LAZY_NAMES = {"DeepScaleEngine": "Engine", "DeepSpeedEngine": "Engine"}
 # Only packages that exist: a name here that fails to import would turn a clear AttributeError
 # into a confusing ModuleNotFoundError (tests/unit/test_package_surface.py imports each one).
 _LAZY_SUBMODULES = ("accelerator", "comm", "config", "ops", "runtime", "utils", "launcher", "zero", "checkpoint",
-                    "moe", "compat", "checkpointing", "parallel", "monitor", "pipe")
+                    "moe", "compat", "checkpointing", "parallel", "monitor", "profiling", "pipe", "sequence")
 
 __all__ = ["__version__", "initialize", "init_distributed", "add_config_arguments"]
 

@@ -7,9 +7,10 @@ from op_builder.cpu_optim import CPUAdagradBuilder, CPUAdamBuilder, CPULionBuild
 from op_builder.fused_adam import FusedAdamBuilder
 from op_builder.async_io import AsyncIOBuilder
 from op_builder.async_io_uring import AsyncIOUringBuilder
+from op_builder.attention import CPUAttentionBuilder, FlashAttnBuilder
 
 ALL_OPS = {b.NAME: b for b in (CPUAdamBuilder, CPUAdagradBuilder, CPULionBuilder, FusedAdamBuilder, AsyncIOBuilder,
-                               AsyncIOUringBuilder)}
+                               AsyncIOUringBuilder, CPUAttentionBuilder, FlashAttnBuilder)}
 
 
 def get_builder(name):
@@ -21,4 +22,4 @@ def get_builder(name):
 
 __all__ = ["OpBuilder", "OpBuildError", "Compatibility", "ALL_OPS", "get_builder", "cache_root", "csrc_root",
            "installed_ops", "CPUAdamBuilder", "CPUAdagradBuilder", "CPULionBuilder", "FusedAdamBuilder",
-           "AsyncIOBuilder", "AsyncIOUringBuilder"]
+           "AsyncIOBuilder", "AsyncIOUringBuilder", "CPUAttentionBuilder", "FlashAttnBuilder"]

@@ -19,7 +19,8 @@ class ParallelTopology:
         pp, ep, sp, tp: pipeline, expert, sequence and tensor parallel degrees. Default 1.
         world_size: total ranks; when given, the product of the degrees must equal it.
 
-    Note: ``ep`` subdivides the data-parallel replicas for MoE; until MoE lands it must be 1.
+    Note: ``ep`` subdivides the data-parallel replicas for mixture-of-experts layers; the MoE
+    layer's expert process groups are built from this grid by ``comm/expert_groups.py``.
     """
 
     def __init__(self, dp: Optional[int] = None, pp: int = 1, ep: int = 1, sp: int = 1, tp: int = 1,

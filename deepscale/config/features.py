@@ -109,16 +109,11 @@ def _at_zero_stage_3(cfg) -> bool:
     return cfg.zero_optimization.stage == 3
 
 
-_ABOVE_ONE_VALUES = (1, 2, 4, 8)
-
 UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("zero_optimization.stage", _zero_stage_unavailable, lambda v: f"ZeRO stage {v}",
                        _use_available_stages, values=(0, 1, 2, 3)),
     UnavailableFeature("zero_optimization.offload_optimizer.device", _offloaded, "ZeRO-Offload of optimizer states",
                        "set it to 'none' or remove offload_optimizer", scope="zero_optimization.offload_optimizer",
-                       values=("none", "cpu", "nvme")),
-    UnavailableFeature("zero_optimization.offload_param.device", _offloaded, "ZeRO-Offload of parameters",
-                       "set it to 'none' or remove offload_param", scope="zero_optimization.offload_param",
                        values=("none", "cpu", "nvme")),
     # Stage 3 reduce-scatters without the pre-division (the averaged gradient is the same), and it
     # tolerates parameters that get no gradient; refusing beats silently doing something else.
@@ -138,15 +133,7 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     _off("bf16.bf16_optimizer_states", "bf16 optimizer states (optimizer state kept in bf16, not fp32)"),
     UnavailableFeature("amp.enabled", _on, "NVIDIA Apex AMP", "use fp16 or bf16 instead"),
     UnavailableFeature("torch_autocast.enabled", _on, "torch.autocast mixed precision", "use fp16 or bf16 instead"),
-    UnavailableFeature("tensor_parallel.autotp_size", _above_one, "automatic tensor parallelism (AutoTP)",
-                       "set it to 0", values=(0, 1, 2, 4)),
-    UnavailableFeature("tensor_parallel.tensor_parallel.tp_size", _above_one, "tensor parallelism", "set it to 1",
-                       label="tensor_parallel.tp.tp_size", scope="tensor_parallel.tensor_parallel",
-                       values=_ABOVE_ONE_VALUES),
-    UnavailableFeature("sequence_parallel_size", _above_one, "sequence parallelism (Ulysses)", "set it to 1",
-                       values=_ABOVE_ONE_VALUES),
     _off("hybrid_engine.enabled", "the hybrid engine"),
-    _off("flops_profiler.enabled", "the flops profiler"),
     *[UnavailableFeature(f"compression_training.{t}.shared_parameters.enabled", _on, f"compression training ({t})",
                          "set it to false", scope="compression_training") for t in COMPRESSION_TECHNIQUES],
     _off("compression_training.layer_reduction.enabled", "compression training (layer_reduction)"),
@@ -221,7 +208,7 @@ ZERO_KEYS_IGNORED = [
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stage 3 only", zero_stages=frozenset({1, 2}),
                    keys=_zero_keys("prefetch_bucket_size", "param_persistence_threshold", "max_live_parameters",
                                    "max_reuse_distance", "gather_16bit_weights_on_model_save",
-                                   "debug_sequence_check",
+                                   "debug_sequence_check", "offload_param",
                                    "stage3_gather_fp16_weights_on_model_save")),
     TuningOnlyKeys("zero_optimization", "it applies to ZeRO stages 1-2 only (stage 3 gathers parameters by module "
                    "and always overlaps its reduce-scatters with backward)", zero_stages=frozenset({3}),
@@ -255,16 +242,17 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
                    keys=("partition", "seed_layers", "activation_checkpoint_interval", "use_reentrant")),
     TuningOnlyKeys("pipeline", "activations cross stages whole (they are only partitioned over a tensor-parallel "
                    "group, which the pipeline engine does not use yet)", keys=("pipe_partitioned", "grad_partitioned")),
-    TuningOnlyKeys("tensor_parallel", "automatic tensor parallelism is not built yet",
-                   except_keys=("autotp_size", "tp", "tensor_parallel")),
+    TuningOnlyKeys("tensor_parallel", "training AutoTP keeps the engine's precision (fp16/bf16 sections) and "
+                   "has no kernel injection", except_keys=("autotp_size", "tp", "tensor_parallel")),
+    *[TuningOnlyKeys(f"tensor_parallel.{name}", "AutoTP splits heads and features as evenly as the layout allows",
+                     keys=("tp_grain_size",)) for name in ("tp", "tensor_parallel")],
     TuningOnlyKeys("compile", "DeepCompile is not built yet", except_keys=("deepcompile",)),
     TuningOnlyKeys("optimizer", "DeepSpeed's legacy fused fp16 optimizer is not built", keys=("legacy_fusion",)),
     TuningOnlyKeys("", "it is a deprecated DeepSpeed switch with no effect", keys=("disable_allgather",)),
     TuningOnlyKeys("", "it is deprecated; use communication_data_type", keys=("fp32_allreduce",)),
     TuningOnlyKeys("", "DeepSpeed only uses it for a tensor-core alignment hint", keys=("vocabulary_size",)),
     TuningOnlyKeys("", "CUDA graph harvesting is not built yet", keys=("graph_harvesting",)),
-    TuningOnlyKeys("", "sequence parallelism is not built yet", keys=("seq_parallel_communication_data_type",)),
-    TuningOnlyKeys("", "mixture-of-experts (MoE) is not built yet", keys=("use_data_before_expert_parallelism",)),
+    TuningOnlyKeys("", "Ulysses all-to-alls run in the activation dtype", keys=("seq_parallel_communication_data_type",)),
     TuningOnlyKeys("", "it only applies with ZeRO-Offload, which is not built yet",
                    keys=("zero_force_ds_cpu_optimizer",)),
     TuningOnlyKeys("", "state dumps are not implemented yet", keys=("dump_state",)),

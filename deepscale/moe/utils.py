@@ -14,7 +14,8 @@ import torch
 DEFAULT_MAX_GROUP_SIZE = 178956971
 
 __all__ = ["is_moe_param", "split_params_into_shared_and_expert_params",
-           "split_params_into_different_moe_groups_for_optimizer", "DEFAULT_MAX_GROUP_SIZE"]
+           "split_params_grads_into_shared_and_expert_params", "split_params_into_different_moe_groups_for_optimizer",
+           "is_moe_param_group", "configure_moe_param_groups", "has_moe_layers", "DEFAULT_MAX_GROUP_SIZE"]
 
 
 def is_moe_param(param: torch.Tensor) -> bool:
@@ -89,3 +90,43 @@ def split_params_into_different_moe_groups_for_optimizer(param_groups: Union[Dic
             for chunk in _chunk_by_numel(members, max_group_size):
                 expert_groups.append({**options, "name": f"{name}_{expert_name}", "moe": True, "params": chunk})
     return tuple(result + expert_groups)
+
+
+def split_params_grads_into_shared_and_expert_params(group) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """``(shared grads, expert grads)`` of the parameters in ``group`` that have a gradient."""
+    shared, expert = [], []
+    for param in group:
+        if param.grad is not None:
+            (expert if is_moe_param(param) else shared).append(param.grad.to(param.dtype))
+    return shared, expert
+
+
+def is_moe_param_group(param_group: Dict) -> bool:
+    """True for an optimizer param group holding expert parameters (``"moe": True``)."""
+    return bool(param_group.get("moe", False))
+
+
+def configure_moe_param_groups(model_parameters: List):
+    """Param groups with the expert parameters in groups of their own, from what a user would pass
+    an optimizer: a list of parameters (they become one group named ``"dense-params"`` before the
+    split) or a list of param-group dicts (split unless a group is already marked ``"moe"``)."""
+    if not isinstance(model_parameters, list) or not model_parameters:
+        raise TypeError("configure_moe_param_groups: model_parameters must be a non-empty list of parameters or "
+                        f"param-group dicts, got {type(model_parameters).__name__}")
+    if all(isinstance(p, dict) for p in model_parameters):
+        if any("moe" in group for group in model_parameters):
+            return model_parameters
+        return split_params_into_different_moe_groups_for_optimizer(model_parameters)
+    if all(torch.is_tensor(p) for p in model_parameters):
+        return split_params_into_different_moe_groups_for_optimizer({"params": model_parameters,
+                                                                     "name": "dense-params"})
+    kinds = sorted({type(p).__name__ for p in model_parameters})
+    raise TypeError(f"configure_moe_param_groups: expected tensors or param-group dicts, got {kinds}")
+
+
+def has_moe_layers(model: torch.nn.Module) -> Tuple[bool, int]:
+    """``(True, num_experts of the first MoE layer)`` when ``model`` holds a MoE layer, else ``(False, 0)``."""
+    for module in model.modules():
+        if hasattr(module, "deepspeed_moe") and hasattr(module, "num_experts"):
+            return True, int(module.num_experts)
+    return False, 0

@@ -19,8 +19,10 @@ share is :class:`~deepscale.runtime.training_optimizer.TrainingOptimizer`.
 """
 import torch
 
+from deepscale.comm.expert_groups import expert_groups_of_param
+from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import export_shard, fragments_of_whole_params, import_shards
-from deepscale.runtime.grad_reducer import GradientReducer
+from deepscale.runtime.expert_grads import GradientReducerSet
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.zero_access import WholeTensorAccess
@@ -56,7 +58,7 @@ class DataParallelOptimizer(TrainingOptimizer):
     def attach(self) -> None:
         """Install the gradient hooks; call once the model has its final dtype and device."""
         params = [p for p in self._module.parameters() if p.requires_grad]
-        self.reducer = GradientReducer(params, **self._reducer_args)
+        self.reducer = GradientReducerSet(params, **self._reducer_args)
         if self.precision is not None:
             access = WholeTensorAccess(self.precision.master_of, self.reducer.grad_view, self.precision.optimizer)
             for param in params:
@@ -68,6 +70,9 @@ class DataParallelOptimizer(TrainingOptimizer):
 
     def prepare_backward(self, sync: bool) -> None:
         self.reducer.begin_backward(sync)
+
+    def abort_backward(self) -> None:
+        self.reducer.abort_backward()
 
     def finish_backward(self, sync: bool) -> None:
         self.reducer.end_backward(sync)
@@ -87,8 +92,16 @@ class DataParallelOptimizer(TrainingOptimizer):
         for param in self.reducer.params:
             if self.precision.has_param(param):
                 self.precision.set_master_grad(param, self.reducer.grad_view(param))
-        # The flat buffer holds every gradient: its norm is one reduction.
-        return [self.reducer.buffer]
+        return self.reducer.buffers
+
+    def global_grad_norm(self, grads):
+        """Every rank holds the whole averaged dense gradient; expert gradients are summed over
+        the expert-parallel group (``runtime/expert_grads.py``)."""
+        return self.reducer.squared_norm().sqrt().float()
+
+    def _local_grad_parts(self, params):
+        managed = set(self.reducer.params)
+        return [self.reducer.grad_view(p) for p in params if p in managed]
 
     def zero_grad(self) -> None:
         if self.precision is not None:
@@ -104,10 +117,26 @@ class DataParallelOptimizer(TrainingOptimizer):
         return self.precision if self.precision.uses_master_copies else self.precision.optimizer
 
     # --- checkpoints ----------------------------------------------------------------------
-    saves_per_rank = False  # the state is replicated: rank 0 writes the only shard
+    @property
+    def saves_per_rank(self) -> bool:
+        """The state is replicated, so rank 0 writes the only shard; with expert parallelism the
+        experts differ between ranks, so every rank writes one (dense state on rank 0 only,
+        expert state on the first rank of each expert-data-parallel group)."""
+        return any(groups.ep_size > 1 for groups, _ in self.reducer.experts) if self.reducer else False
+
+    def _exported_fragments(self, fragments):
+        if not self.saves_per_rank:
+            return fragments
+        from deepscale import comm as dist
+        names = checkpoint_param_names(self._module)
+        writer = {}
+        for param in self.reducer.params:
+            groups = expert_groups_of_param(param)
+            writer[names.get(param)] = groups.edp_rank == 0 if groups else dist.get_rank(self.group) == 0
+        return [f for f in fragments if writer.get(f.name, False)]
 
     def _named_masters(self):
-        names = {p: n for n, p in self._module.named_parameters()}
+        names = checkpoint_param_names(self._module)  # experts under global names
         group_of, named, group_names = {}, [], []
         for index, group in enumerate(self.precision.optimizer.param_groups):
             group_names.append([])
@@ -133,7 +162,8 @@ class DataParallelOptimizer(TrainingOptimizer):
         if self.precision is None:
             return None
         named, group_of, group_names = self._named_masters()
-        return export_shard(self.precision.optimizer, fragments_of_whole_params(named, group_of), group_names,
+        return export_shard(self.precision.optimizer,
+                            self._exported_fragments(fragments_of_whole_params(named, group_of)), group_names,
                             self.precision.loss_scaler, zero_stage=0)
 
     def load_state_dict(self, state: dict, load_optimizer_states: bool = True) -> None:
@@ -159,7 +189,7 @@ class DataParallelOptimizer(TrainingOptimizer):
     def destroy(self) -> None:
         if self.reducer is not None:
             self.reducer.remove_hooks()
-            self.reducer.buffer = torch.empty(0)
+            self.reducer.release()
             for param in self.reducer.params:
                 if param.grad is not None and param.grad is self.reducer.grad_view(param):
                     param.grad = None  # a view into the released buffer

@@ -13,16 +13,20 @@ import torch
 from deepscale import comm as dist
 from deepscale.accelerator import get_accelerator
 from deepscale.comm.topology import ParallelTopology
+from deepscale.profiling.flops_profiler.engine_profile import EngineFlopsProfile
 from deepscale.runtime.activation_checkpointing import configure as configure_checkpointing
 from deepscale.runtime.checkpoint.engine_checkpoint import (EngineState, load_engine_checkpoint, resolve_checkpoint,
                                                             save_engine_checkpoint)
+from deepscale.runtime.checkpoint.expert_files import consolidate_expert_weights
 from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
 from deepscale.runtime.dataloader import DeepScaleDataLoader
 from deepscale.runtime.engine_compat import EngineCompatMixin
 from deepscale.runtime.engine_setup import (broadcast_module_from_rank0, build_lr_scheduler_for, build_optimizer_for,
                                             build_loss_scaler_for, cast_floating_inputs, configure_collective_watchdog,
-                                            reducer_dtypes, stage0_bucket_numel)
+                                            reducer_dtypes, setup_expert_parallelism, stage0_bucket_numel)
 from deepscale.runtime.dp_optimizer import DataParallelOptimizer
+from deepscale.parallel.state_dict import full_state_dict
+from deepscale.runtime.model_parallel_setup import tensor_parallel_norm
 from deepscale.runtime.step_reporter import StepReporter
 from deepscale.runtime.zero.stage_1_and_2 import ZeroOptimizer, zero_optimizer_kwargs
 from deepscale.runtime.zero.stage3.optimizer import Stage3Optimizer, stage3_optimizer_kwargs
@@ -45,6 +49,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         super().__init__()
         self._config = config
         self._set_topology(mpu, dp_group)
+        mpu = self.mpu
         if "activation_checkpointing" in (getattr(config, "raw", None) or {}):
             configure_checkpointing(mpu, deepspeed_config=config)  # as DeepSpeed: the section configures it
         configure_collective_watchdog(config)
@@ -58,13 +63,14 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self.model_dtype = model_dtype
         self.module = model
         self.module.to(self.device)
-        broadcast_module_from_rank0(self.module, self.dp_group, self.dp_world_size)
+        setup_expert_parallelism(self.module, self.dp_group, config)
+        broadcast_module_from_rank0(self.module, self.grad_group, self.grad_world_size)
         # Masters are cloned before the model is cast, so they start from the fp32 weights.
         basic = build_optimizer_for(optimizer, config, model, model_parameters)
         accum_dtype, comm_dtype = reducer_dtypes(config, model_dtype)
         train_opt_args = dict(
             model_dtype=model_dtype, loss_scaler=build_loss_scaler_for(config), clip_grad=config.gradient_clipping,
-            group=self.dp_group, world_size=self.dp_world_size,
+            group=self.grad_group, world_size=self.grad_world_size,
             bucket_numel=stage0_bucket_numel(config) if config.zero_stage == 0
             else int(config.zero_optimization.reduce_bucket_size), accum_dtype=accum_dtype,
             comm_dtype=comm_dtype,
@@ -79,11 +85,14 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         if model_dtype != torch.float32:
             self.module.to(dtype=model_dtype)
         self._train_opt.attach()
+        self._train_opt.tensor_parallel = tensor_parallel_norm(self.module, mpu)
         self.lr_scheduler = build_lr_scheduler_for(lr_scheduler, config, basic)
         self.training_dataloader = None
         if training_data is not None:
             self.training_dataloader = self.deepscale_io(training_data, collate_fn=collate_fn)
         self._reporter = StepReporter(config, self)
+        self._flops = EngineFlopsProfile(self, config.flops_profiler) if config.flops_profiler.enabled else None
+        self.flops_profiler = self._flops.profiler if self._flops is not None else None  # DeepSpeed's attribute
         logger.debug(f"engine ready: dp={self.dp_world_size} dtype={model_dtype} optimizer={basic}")
 
     def _set_topology(self, mpu, dp_group) -> None:
@@ -98,7 +107,15 @@ class Engine(EngineCompatMixin, torch.nn.Module):
             self.dp_group = dp_group
             self.dp_world_size = dist.get_world_size(dp_group)
             self.dp_rank = dist.get_rank(dp_group)
-        self.topology = ParallelTopology(dp=self.dp_world_size, world_size=None)
+        self.mpu = mpu
+        self.topology = getattr(mpu, "topology", None) or ParallelTopology(dp=self.dp_world_size, world_size=None)
+        # Gradients are averaged (and ZeRO partitions) over the ranks holding the same weights:
+        # data-parallel ranks and, with Ulysses, their sequence-parallel peers (deepscale/parallel/grid.py).
+        self.grad_group, self.grad_world_size = self.dp_group, self.dp_world_size
+        sp_size = mpu.get_sequence_parallel_world_size() if hasattr(mpu, "get_sequence_parallel_world_size") else 1
+        if sp_size > 1:
+            self.grad_group = mpu.get_sequence_data_parallel_group()
+            self.grad_world_size = self.dp_world_size * sp_size
 
     # --- configuration accessors (engine.config, the plain dict, is in engine_compat.py) ----
     def train_batch_size(self) -> int:
@@ -191,7 +208,7 @@ class Engine(EngineCompatMixin, torch.nn.Module):
             args, kwargs = cast_floating_inputs((args, kwargs), self.model_dtype)
         # ZeRO-3 checks partitioned parameters used outside the modules that gather them.
         forward_context = getattr(self._train_opt, "forward_context", contextlib.nullcontext)
-        with forward_context():
+        with forward_context(), self._profiled("forward", (args, kwargs)):
             out = self.module(*args, **kwargs)
         self._reporter.stop("forward")
         return out
@@ -241,10 +258,17 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self._reporter.start("backward")
         self._reporter.record_loss(loss)
         sync = self.is_gradient_accumulation_boundary() and not self._in_no_sync
-        self._train_opt.prepare_backward(sync)
-        scale = self.loss_scale / (self.gradient_accumulation_steps() if scale_wrt_gas else 1)
-        (loss.float() * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
-        self._train_opt.finish_backward(sync)
+        with self._profiled("backward"):
+            self._train_opt.prepare_backward(sync)
+            scale = self.loss_scale / (self.gradient_accumulation_steps() if scale_wrt_gas else 1)
+            try:
+                (loss.float() * scale if scale != 1.0 else loss).backward(retain_graph=retain_graph)
+            except BaseException:
+                # disarm the gradient hooks: a later backward that is not the engine's (or a retry
+                # after the user handled the error) must not be taken as this one's
+                self._train_opt.abort_backward()
+                raise
+            self._train_opt.finish_backward(sync)
         self._reporter.stop("backward")
         return loss
 
@@ -257,7 +281,8 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         boundary = self.is_gradient_accumulation_boundary()
         self._step_applied = False
         if boundary:
-            applied = self._step_applied = self._train_opt.step()
+            with self._profiled("step"):
+                applied = self._step_applied = self._train_opt.step()
             if applied:
                 if self.lr_scheduler is not None:
                     self.lr_scheduler.step(**(lr_kwargs or {}))
@@ -272,17 +297,25 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         self._reporter.stop("step")
         if boundary:
             self._reporter.after_step()
+            if self._flops is not None:
+                self._flops.after_step()
+
+    def _profiled(self, phase: str, inputs=None):
+        """The flops profiler's context for ``phase`` (counts and times it at ``profile_step``)."""
+        return self._flops.phase(phase, inputs) if self._flops is not None else contextlib.nullcontext()
 
     def zero_grad(self) -> None:
         """Clear accumulated gradients (``step()`` does this after every update)."""
         self._train_opt.zero_grad()
 
     # --- checkpoints ----------------------------------------------------------------------
-    def _engine_state(self) -> EngineState:
+    def _engine_state(self, module_state=None) -> EngineState:
+        tp = self.mpu.get_model_parallel_world_size() if hasattr(self.mpu, "get_model_parallel_world_size") else 1
         return EngineState(module=self.module, optimizer=self._train_opt, lr_scheduler=self.lr_scheduler,
                            counters={name: getattr(self, name) for name in _COUNTER_NAMES},
-                           config=getattr(self._config, "raw", None), dp_world_size=self.dp_world_size,
-                           zero_stage=self._config.zero_stage, dp_group=self.dp_group)
+                           config=getattr(self._config, "raw", None), dp_world_size=self.grad_world_size,
+                           zero_stage=self._config.zero_stage, dp_group=self.grad_group, module_state=module_state,
+                           tp_size=tp, tp_rank=self.mpu.get_model_parallel_rank() if tp > 1 else 0)
 
     def save_checkpoint(self, save_dir: str, tag=None, client_state=None, save_latest: bool = True,
                         exclude_frozen_parameters: bool = False) -> bool:
@@ -306,7 +339,9 @@ class Engine(EngineCompatMixin, torch.nn.Module):
             client_state = {**(client_state or {}), _LOADER_STATE_KEY: self.training_dataloader.state_dict()}
         # ZeRO-3: every rank helps gather the module weights that rank 0 writes whole.
         with getattr(self._train_opt, "module_state_context", contextlib.nullcontext)():
-            save_engine_checkpoint(self._engine_state(), os.fspath(save_dir), tag, client_state, save_latest,
+            # Tensor-parallel shards are saved whole, so the checkpoint loads at any TP degree.
+            whole = full_state_dict(self.module) if self._engine_state().tp_size > 1 else None
+            save_engine_checkpoint(self._engine_state(whole), os.fspath(save_dir), tag, client_state, save_latest,
                                    exclude_frozen_parameters=exclude_frozen_parameters)
         return True
 
@@ -342,11 +377,13 @@ class Engine(EngineCompatMixin, torch.nn.Module):
     # --- ZeRO-3 module weights -------------------------------------------------------------
     def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters: bool = False):
         """The whole module state dict in the model dtype on rank 0 (None elsewhere); under ZeRO-3
-        every rank must call it. At other stages rank 0 returns ``module.state_dict()``."""
+        every rank must call it. At other stages rank 0 returns ``module.state_dict()`` (with MoE layers
+        every rank must call it too: experts are collected under global names)."""
         if self._config.zero_stage == 3:
             state = self._train_opt.consolidated_state_dict(rank0_only=True)
         else:
             state = self.module.state_dict() if self.global_rank == 0 else None
+        state = consolidate_expert_weights(self.module, state)  # MoE: every expert, global names
         if state is not None and exclude_frozen_parameters:
             frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
             state = {k: v for k, v in state.items() if k not in frozen}
@@ -384,6 +421,8 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         """Remove the engine's hooks from the model, free its buffers and close the monitors."""
         self._train_opt.destroy()
         self._reporter.close()
+        if self._flops is not None:
+            self._flops.close()
 
 
 DeepSpeedEngine = Engine  # DeepSpeed's name: `deepspeed.runtime.engine.DeepSpeedEngine` type checks

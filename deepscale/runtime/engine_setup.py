@@ -5,6 +5,7 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from deepscale import comm as dist
+from deepscale.comm.expert_groups import expert_groups_of_param
 from deepscale.runtime.lr_schedules import build_lr_scheduler
 from deepscale.runtime.optim.factory import build_optimizer
 from deepscale.runtime.precision.loss_scaler import build_loss_scaler
@@ -103,13 +104,17 @@ def reducer_dtypes(config, model_dtype: torch.dtype) -> Tuple[torch.dtype, torch
     return accum, comm or accum
 
 
-@torch.no_grad()
-def broadcast_module_from_rank0(module: torch.nn.Module, group, world_size: int) -> None:
-    """Make every rank start from rank 0's parameters and buffers, one collective per dtype."""
-    if world_size <= 1:
-        return
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.numel() > 0]
+def setup_expert_parallelism(module: torch.nn.Module, dp_group, config=None) -> None:
+    """Create the expert process groups of every MoE layer of ``module`` over the data-parallel
+    group (collective: every rank builds the engine, so every rank gets here in the same order).
+    ``use_data_before_expert_parallelism`` in the config picks the layout (``comm/expert_groups.py``)."""
+    data_before = bool((getattr(config, "raw", None) or {}).get("use_data_before_expert_parallelism", False))
+    for sub in module.modules():
+        if hasattr(sub, "expert_group_name") and callable(getattr(sub, "set_deepspeed_parallelism", None)):
+            sub.set_deepspeed_parallelism(data_before, dp_group=dp_group)
+
+
+def _broadcast_tensors(tensors, src: int, group) -> None:
     by_dtype = {}
     for tensor in tensors:
         by_dtype.setdefault((tensor.dtype, tensor.device), []).append(tensor)
@@ -118,6 +123,31 @@ def broadcast_module_from_rank0(module: torch.nn.Module, group, world_size: int)
         dist.broadcast(flat, src=src, group=group)
         for tensor, synced in zip(group_tensors, _unflatten_dense_tensors(flat, group_tensors)):
             tensor.data.copy_(synced)
+
+
+@torch.no_grad()
+def broadcast_module_from_rank0(module: torch.nn.Module, group, world_size: int) -> None:
+    """Make every rank start from rank 0's parameters and buffers, one collective per dtype.
+
+    Expert parameters (``allreduce=False``) differ between expert-parallel ranks: they are
+    broadcast from the first rank of their expert-data-parallel group instead.
+    """
+    if world_size <= 1:
+        return
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if t.numel() > 0]
+    dense, experts = [], {}
+    for tensor in tensors:
+        groups = expert_groups_of_param(tensor)
+        if groups is None:
+            dense.append(tensor)
+        else:
+            experts.setdefault(groups.name, (groups, []))[1].append(tensor)
+    _broadcast_tensors(dense, src, group)
+    for name in sorted(experts):
+        groups, members = experts[name]
+        if groups.edp_size > 1:
+            _broadcast_tensors(members, groups.edp_ranks[0], groups.edp_group)
 
 
 def cast_floating_inputs(obj, dtype: torch.dtype):

@@ -53,15 +53,20 @@ class GradientReducer:
         comm_dtype: dtype on the wire; default ``accum_dtype``.
         predivide_factor: divide by this before the all-reduce and by ``world_size /
             predivide_factor`` after (guards fp16 sums against overflow). Default 1.0.
+        average_world_size: the sum is divided by this many ranks instead of ``world_size``
+            (expert gradients: reduced over the expert-data-parallel group, averaged over the
+            data-parallel group; see ``runtime/expert_grads.py``). Default ``world_size``.
     """
 
     def __init__(self, params: Sequence[torch.nn.Parameter], group=None, world_size: int = 1,
                  bucket_numel: int = 25_000_000, accum_dtype: torch.dtype = torch.float32,
-                 comm_dtype: Optional[torch.dtype] = None, predivide_factor: float = 1.0):
+                 comm_dtype: Optional[torch.dtype] = None, predivide_factor: float = 1.0,
+                 average_world_size: Optional[int] = None):
         if bucket_numel < 1:
             raise ValueError(f"reduce_bucket_size must be a positive number of elements, got {bucket_numel}")
         self.params = [p for p in params if p.requires_grad]
         self.group, self.world_size = group, world_size
+        self.average_world_size = average_world_size or world_size
         self.comm_dtype = comm_dtype or accum_dtype
         self.predivide_factor = float(predivide_factor)
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -128,6 +133,11 @@ class GradientReducer:
                 self._pending = True
         self._armed = True
 
+    def abort_backward(self) -> None:
+        """The owner's backward raised: disarm the hooks, so later backwards' gradients stay in
+        ``param.grad`` (the engine is not usable for this step; its collectives did not finish)."""
+        self._armed = False
+
     def end_backward(self, sync: bool) -> None:
         """Disarm the hooks; on ``sync`` finish the all-reduce of every bucket and average."""
         self._armed = False
@@ -178,7 +188,7 @@ class GradientReducer:
         if self.world_size > 1:
             for bucket in self.buckets[self._next_to_launch:]:
                 self._launch(bucket)
-            post_scale = self.predivide_factor / self.world_size
+            post_scale = self.predivide_factor / self.average_world_size
             for bucket in self.buckets:
                 bucket.handle.wait()
                 flat = self.buffer[bucket.start:bucket.end]
@@ -186,6 +196,8 @@ class GradientReducer:
                     flat.copy_(bucket.comm_tensor)
                 flat.mul_(post_scale)
                 bucket.handle = bucket.comm_tensor = None
+        elif self.average_world_size != 1:
+            self.buffer.div_(self.average_world_size)
         self._reset_counters()
         self._pending = False
         self._synced = True

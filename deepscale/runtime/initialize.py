@@ -51,11 +51,17 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
                          "config instead")
     dist.init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required,
                           verbose=False)
+    from deepscale.config import DeepScaleConfig
+    from deepscale.config.loader import load_config_dict
+    from deepscale.runtime.engine import Engine
+    from deepscale.runtime.model_parallel_setup import apply_config_autotp, grid_for_config
+    raw_config = None
+    if mpu is None:  # tensor/sequence parallel degrees in the config: build their process groups
+        raw_config = load_config_dict(config=config, config_params=config_params, args=args)
+        mpu = grid_for_config(raw_config)
     if mpu is not None:
         from deepscale.utils import groups
         groups.mpu = mpu  # DeepSpeed clients ask deepscale.utils.groups for the data-parallel group
-    from deepscale.config import DeepScaleConfig
-    from deepscale.runtime.engine import Engine
     dp_world_size = mpu.get_data_parallel_world_size() if mpu is not None else dist.get_world_size()
     if _is_pipeline_module(model):  # its topology gives the data-parallel degree; the pipeline engine runs it
         from deepscale.runtime.pipe.engine import PipelineEngine as Engine  # noqa: F811
@@ -66,6 +72,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
         raise InitializeArgumentError(
             f"deepscale.initialize: zero_optimization.stage={ds_config.zero_stage} partitions optimizer state, so "
             "it needs an optimizer: add an 'optimizer' section to the config or pass optimizer= to initialize()")
+    if raw_config is not None and mpu is not None:
+        apply_config_autotp(model, raw_config, mpu)
     engine = Engine(model=model, config=ds_config, optimizer=optimizer, model_parameters=model_parameters,
                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn, mpu=mpu)
     if dist.get_rank() == 0:

@@ -16,13 +16,24 @@ partition per param group), but the step is the same everywhere:
 
 The norm is global, so every rank takes the same skip decision without another collective.
 """
-from typing import List
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 
 from deepscale import comm as dist
 from deepscale.runtime.precision.precision_optimizer import squared_norm
 from deepscale.utils.logging import logger
+
+
+@dataclass
+class TensorParallelNorm:
+    """What the global norm needs under tensor parallelism: the group, its size and the
+    parameters every tensor-parallel rank holds whole (their gradients must count once)."""
+
+    group: object
+    size: int
+    replicated: List[torch.nn.Parameter]
 
 
 class TrainingOptimizer:
@@ -37,6 +48,8 @@ class TrainingOptimizer:
     #: True when each rank holds only part of the gradients (stages 1-3): the norm needs an all-reduce.
     grads_partitioned = True
     precision = None
+    #: set by the engine under tensor parallelism (a :class:`TensorParallelNorm`)
+    tensor_parallel: Optional[TensorParallelNorm] = None
     _backward_since_step = False
     #: Optional ``f(squares) -> squares`` applied to the data-parallel sum of squared gradient norms:
     #: the pipeline engine adds the other stages' share (and drops tied duplicates) here.
@@ -45,6 +58,10 @@ class TrainingOptimizer:
     # --- subclass parts -------------------------------------------------------------------
     def _attach_step_grads(self) -> List[torch.Tensor]:
         raise NotImplementedError
+
+    def _local_grad_parts(self, params) -> List[torch.Tensor]:
+        """This rank's part of the reduced gradients of ``params`` (for the tensor-parallel norm)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support tensor parallelism")
 
     def _publish_masters(self) -> None:
         """After an applied step: bring the updated masters into the model (no-op by default)."""
@@ -57,6 +74,14 @@ class TrainingOptimizer:
     def global_grad_norm(self, grads: List[torch.Tensor]) -> torch.Tensor:
         """Global L2 norm of the gradients (still loss-scaled) as a 0-dim fp32 tensor."""
         squares = squared_norm(grads)
+        tp = self.tensor_parallel
+        if tp is not None and tp.size > 1:
+            # Sharded gradients differ across tensor-parallel ranks, replicated ones are equal:
+            # each rank adds its shards and 1/tp of the replicated squares, then the group sums.
+            parts = self._local_grad_parts(tp.replicated)
+            if parts:
+                squares = squares - squared_norm(parts) * ((tp.size - 1) / tp.size)
+            dist.all_reduce(squares, group=tp.group)
         if self.grads_partitioned and self.world_size > 1:
             dist.all_reduce(squares, group=self.group)
         if self.reduce_norm_squares is not None:
@@ -87,6 +112,11 @@ class TrainingOptimizer:
         return self.precision.loss_scale if self.precision is not None else 1.0
 
     cur_scale = loss_scale
+
+    @property
+    def overflow(self) -> bool:
+        """True when the last step was skipped for a non-finite gradient."""
+        return self.precision.last_overflow if self.precision is not None else False
 
     @property
     def last_grad_norm(self):

@@ -15,7 +15,11 @@ __all__ = ["mpu", "_get_data_parallel_group", "_get_data_parallel_world_size", "
            "_get_model_parallel_group", "_get_model_parallel_world_size", "_get_model_parallel_rank",
            "_get_sequence_parallel_group", "_get_sequence_parallel_world_size", "_get_sequence_parallel_rank",
            "_get_sequence_data_parallel_group", "_get_sequence_data_parallel_world_size",
-           "_get_sequence_data_parallel_rank", "_get_world_size", "_get_broadcast_src_rank"]
+           "_get_sequence_data_parallel_rank", "_get_world_size", "_get_broadcast_src_rank",
+           "_create_expert_and_data_parallel", "_get_expert_parallel_group", "_get_expert_data_parallel_group",
+           "_get_expert_parallel_world_size", "_get_expert_data_parallel_world_size", "_get_expert_parallel_rank",
+           "_get_expert_data_parallel_rank", "_get_expert_parallel_group_dict",
+           "_get_expert_data_parallel_group_dict", "_get_max_expert_size", "_get_max_expert_size_name"]
 
 
 def _comm():
@@ -117,3 +121,66 @@ def _get_sequence_data_parallel_world_size() -> int:
 def _get_sequence_data_parallel_rank() -> int:
     rank = _mpu_call("get_sequence_data_parallel_rank")
     return rank if rank is not None else _comm().get_rank(_get_sequence_data_parallel_group())
+
+
+# --- mixture-of-experts groups (deepscale/comm/expert_groups.py) -------------------------------
+def _expert_groups(group_name: str):
+    from deepscale.comm.expert_groups import get_expert_groups
+    return get_expert_groups(group_name)
+
+
+def _create_expert_and_data_parallel(expert_parallel_size_: int, use_data_before_expert_parallel_: bool = False):
+    """Create the expert-parallel and expert-data-parallel groups of ``expert_parallel_size_`` over the
+    data-parallel group (every rank must call it; the engine does for each MoE layer)."""
+    from deepscale.comm.expert_groups import create_expert_groups
+    _comm()
+    dp_group = _mpu_call("get_data_parallel_group")
+    create_expert_groups(expert_parallel_size_, dp_group, data_before_expert=use_data_before_expert_parallel_)
+
+
+def _get_expert_parallel_group(group_name: str):
+    """The expert-parallel group registered as ``group_name`` (``"ep_size_{N}"``)."""
+    return _expert_groups(group_name).ep_group
+
+
+def _get_expert_data_parallel_group(group_name: str):
+    """The expert-data-parallel group registered as ``group_name``."""
+    return _expert_groups(group_name).edp_group
+
+
+def _get_expert_parallel_world_size(group_name: str) -> int:
+    return _expert_groups(group_name).ep_size
+
+
+def _get_expert_data_parallel_world_size(group_name: str) -> int:
+    return _expert_groups(group_name).edp_size
+
+
+def _get_expert_parallel_rank(group_name: str) -> int:
+    return _expert_groups(group_name).ep_rank
+
+
+def _get_expert_data_parallel_rank(group_name: str) -> int:
+    return _expert_groups(group_name).edp_rank
+
+
+def _get_expert_parallel_group_dict() -> dict:
+    """``group name -> expert-parallel group`` of every expert group set created so far."""
+    from deepscale.comm.expert_groups import registered_expert_groups
+    return {g.name: g.ep_group for g in registered_expert_groups()}
+
+
+def _get_expert_data_parallel_group_dict() -> dict:
+    """``group name -> expert-data-parallel group`` of every expert group set created so far."""
+    from deepscale.comm.expert_groups import registered_expert_groups
+    return {g.name: g.edp_group for g in registered_expert_groups()}
+
+
+def _get_max_expert_size() -> int:
+    """The largest expert-parallel degree created so far (1 when none)."""
+    from deepscale.comm.expert_groups import registered_expert_groups
+    return max([g.ep_size for g in registered_expert_groups()] or [1])
+
+
+def _get_max_expert_size_name() -> str:
+    return f"ep_size_{_get_max_expert_size()}"

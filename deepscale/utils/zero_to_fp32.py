@@ -20,6 +20,8 @@ import torch
 
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 OPTIM_FILE_FORMAT = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+# Tensor-parallel checkpoints: one set of data-parallel shards per tensor-parallel rank (mp rank).
+TP_OPTIM_FILE_FORMAT = "zero_pp_rank_{rank}_mp_rank_{mp:02d}_optim_states.pt"
 LATEST_FILE = "latest"
 CHECKPOINT_FORMAT_VERSION = 2  # of the model-states file deepscale writes
 
@@ -41,10 +43,11 @@ def _load(path: str):
                            f"{type(exc).__name__}: {exc}") from exc
 
 
-def iter_optimizer_shards(tag_dir: str, num_shards: int) -> Iterator[dict]:
-    """Yield the optimizer shards of a tag directory one at a time (memory-mapped)."""
+def iter_optimizer_shards(tag_dir: str, num_shards: int, mp_rank: int = 0) -> Iterator[dict]:
+    """Yield the optimizer shards of a tag directory one at a time (memory-mapped); ``mp_rank``
+    selects a tensor-parallel rank's shards. Default 0."""
     for rank in range(num_shards):
-        path = os.path.join(tag_dir, OPTIM_FILE_FORMAT.format(rank=rank))
+        path = os.path.join(tag_dir, TP_OPTIM_FILE_FORMAT.format(rank=rank, mp=mp_rank))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"optimizer shard {path} is missing: the checkpoint was saved by {num_shards} "
                                     "ranks and every shard is needed")
@@ -72,8 +75,10 @@ def resolve_tag_dir(checkpoint_dir: str, tag: Optional[str] = None) -> str:
     return tag_dir
 
 
-def _fill_from_shards(tag_dir: str, num_shards: int, out: Dict[str, torch.Tensor]) -> set:
-    """Copy every shard's fp32 fragments into ``out`` (allocated on first sight); returns names."""
+def _fill_from_shards(tag_dir: str, num_shards: int, out: Dict[str, torch.Tensor],
+                      shapes: Optional[Dict[str, tuple]] = None) -> set:
+    """Copy every shard's fp32 fragments into ``out`` (allocated on first sight, flat); returns
+    names. ``shapes``, when given, receives each parameter's shape."""
     filled = {}
     for shard in iter_optimizer_shards(tag_dir, num_shards):
         for name, entry in shard["fragments"].items():
@@ -83,6 +88,8 @@ def _fill_from_shards(tag_dir: str, num_shards: int, out: Dict[str, torch.Tensor
                     numel *= int(dim)
                 out[name] = torch.empty(numel, dtype=torch.float32)
                 filled[name] = 0
+                if shapes is not None:
+                    shapes[name] = tuple(int(d) for d in entry["shape"])
             start, values = int(entry["start"]), entry["fp32"]
             out[name][start:start + values.numel()].copy_(values)
             filled[name] += values.numel()
@@ -115,7 +122,11 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: Optional[
     if model_states.get("pipeline") is not None:
         module = pipeline_module_weights(tag_dir, model_states["pipeline"])
     fp32: Dict[str, torch.Tensor] = {}
-    trained = _fill_from_shards(tag_dir, int(model_states.get("num_optimizer_shards", 0)), fp32)
+    # A tensor-parallel checkpoint's shards hold slices of sharded parameters; its module
+    # weights are whole (gathered at save), so they are the answer.
+    num_shards = 0 if int(model_states.get("tp_world_size", 1)) > 1 else int(model_states.get("num_optimizer_shards", 0))
+    shapes: Dict[str, tuple] = {}
+    trained = _fill_from_shards(tag_dir, num_shards, fp32, shapes)
     frozen = set(model_states.get("frozen_param_names", ()))
     result = {}
     for name, value in module.items():
@@ -125,8 +136,10 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: Optional[
             continue
         else:
             result[name] = (value.float() if value.is_floating_point() else value).clone()
-    for name, value in fp32.items():  # trained tensors the module state does not list (should not happen)
-        result[name] = value
+    # trained tensors the module weights do not list: the experts of MoE layers, which have
+    # files of their own and global names (runtime/checkpoint/expert_files.py)
+    for name, value in fp32.items():
+        result[name] = value.view(shapes[name])
     return result
 
 

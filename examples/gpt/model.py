@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from deepscale.ops.attention import attention
+
 IGNORE_INDEX = -100
 
 
@@ -54,20 +56,22 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head = cfg.n_head
+        self.head_dim = cfg.d_model // cfg.n_head
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, width = x.shape
-        q, k, v = self.qkv(x).split(width, dim=2)
-        # (batch, seq, width) -> (batch, heads, seq, head_dim)
-        q, k, v = (t.view(batch, seq, self.n_head, width // self.n_head).transpose(1, 2)
-                   for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(batch, seq, width)
+        batch, seq, _ = x.shape
+        # Sizes come from the projection's output, not from n_head, so the block also runs with
+        # its heads split over tensor-parallel ranks (deepscale.parallel.apply_autotp).
+        q, k, v = self.qkv(x).chunk(3, dim=2)
+        # (batch, seq, heads * head_dim) -> (batch, seq, heads, head_dim): the layout of deepscale's
+        # fused attention (compiled CPU/CUDA kernels, PyTorch fallback with a logged reason).
+        q, k, v = (t.view(batch, seq, -1, self.head_dim) for t in (q, k, v))
+        y = attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.reshape(batch, seq, -1)
         return self.resid_drop(self.proj(y))
 
 

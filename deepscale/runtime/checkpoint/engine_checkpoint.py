@@ -30,13 +30,16 @@ from deepscale.runtime.checkpoint.atomic import (AtomicCheckpointDir, read_lates
 from deepscale.runtime.checkpoint.deepspeed_format import (has_model_states, is_deepspeed_checkpoint,
                                                            read_deepspeed_checkpoint, read_latest_universal_tag)
 from deepscale.runtime.checkpoint.deepspeed_pickle import load_ds_file
+from deepscale.runtime.checkpoint.expert_files import (checkpoint_param_names, expert_file_payloads,
+                                                       expert_local_names, read_expert_files)
 from deepscale.runtime.utils import get_rng_states, set_rng_states
 from deepscale.utils.checkpoint_files import load_file, save_file
 from deepscale.utils.logging import logger
 from deepscale.version import __version__
 
+from deepscale.parallel.state_dict import shard_state_dict
 from deepscale.utils.zero_to_fp32 import (CHECKPOINT_FORMAT_VERSION, MODEL_STATES_FILE, OPTIM_FILE_FORMAT,
-                                          iter_optimizer_shards, load_module_weights, pipeline_module_weights)
+                                          TP_OPTIM_FILE_FORMAT, iter_optimizer_shards, load_module_weights, pipeline_module_weights)
 
 RNG_FILE_FORMAT = "rng_states_rank{rank}.pt"
 
@@ -55,6 +58,11 @@ class EngineState:
     dp_group: Any = None
     # rank -> {file name: object}: replaces the default files (the pipeline engine writes per-layer files).
     payload_builder: Optional[Callable[[int], Dict[str, Any]]] = None
+    # Tensor parallelism: whole module weights to save (gathered on every rank beforehand) and
+    # this rank's place; optimizer shards are written per tensor-parallel rank.
+    module_state: Optional[dict] = None
+    tp_size: int = 1
+    tp_rank: int = 0
 
 
 class CheckpointSaveError(RuntimeError):
@@ -152,6 +160,7 @@ def _payloads(state: EngineState, client_state: Optional[dict], rank: int,
     shard = _optimizer_shard(state, rank)
     if shard is not None:
         payloads[shard[0]] = shard[1]
+    payloads.update(expert_file_payloads(state.module))  # collective under ZeRO-3
     if rank == 0:
         payloads[MODEL_STATES_FILE] = _model_states(state, client_state, exclude_frozen_parameters)
     return payloads
@@ -165,14 +174,20 @@ def _num_shards(state: EngineState) -> int:
 
 def _optimizer_shard(state: EngineState, rank: int) -> Optional[Tuple[str, dict]]:
     # Every rank writes the shard of the fragments it owns; replicated state only from rank 0.
-    if _num_shards(state) == 0 or (rank != 0 and not state.optimizer.saves_per_rank):
+    # Under tensor parallelism each tensor-parallel rank's data-parallel rank 0 writes its own set.
+    first = dist.get_rank(state.dp_group) == 0 if state.tp_size > 1 else rank == 0
+    if _num_shards(state) == 0 or (not first and not state.optimizer.saves_per_rank):
         return None
     shard_rank = dist.get_rank(state.dp_group) if state.optimizer.saves_per_rank else 0
+    if state.tp_size > 1:
+        return TP_OPTIM_FILE_FORMAT.format(rank=shard_rank, mp=state.tp_rank), state.optimizer.state_dict()
     return OPTIM_FILE_FORMAT.format(rank=shard_rank), state.optimizer.state_dict()
 
 
 def _model_states(state: EngineState, client_state: Optional[dict], exclude_frozen_parameters: bool = False) -> dict:
-    module_state = state.module.state_dict()
+    module_state = state.module_state if state.module_state is not None else state.module.state_dict()
+    for name in expert_local_names(state.module):  # experts have files of their own
+        module_state.pop(name, None)
     frozen = [n for n, p in state.module.named_parameters() if not p.requires_grad]
     if exclude_frozen_parameters:
         for name in frozen:
@@ -188,6 +203,7 @@ def _model_states(state: EngineState, client_state: Optional[dict], exclude_froz
         "counters": dict(state.counters),
         "ds_config": state.config,
         "dp_world_size": state.dp_world_size,
+        "tp_world_size": state.tp_size,
         "zero_stage": state.zero_stage,
         "client_state": dict(client_state or {}),
     }
@@ -215,22 +231,34 @@ def load_engine_checkpoint(state: EngineState, path: str, load_module_strict: bo
                            load_module_only: bool = False) -> Tuple[dict, dict]:
     """Restore ``state`` from the tag directory ``path``; returns ``(counters, client_state)``."""
     saved, ds_shards = _read_model_states(path)
-    load_module_weights(state.module, saved["module"], saved, load_module_strict, where=path,
+    module_sd, reseed_sd = _with_expert_weights(state.module, saved["module"], path)
+    if reseed_sd is module_sd:  # no expert files: tensor-parallel layouts reshard the whole weights
+        module_sd = reseed_sd = shard_state_dict(state.module, module_sd)
+    else:
+        module_sd = shard_state_dict(state.module, module_sd)
+    load_module_weights(state.module, module_sd, saved, load_module_strict, where=path,
                         strict_name="load_module_strict")
     if load_module_only:
-        _reseed_masters(state, saved["module"])
+        _reseed_masters(state, reseed_sd)
         return {}, saved.get("client_state", {})
     if state.optimizer is not None:
         if saved.get("format_version", 1) < 2:
             raise ValueError(f"{path} was written by an older deepscale (checkpoint format "
                              f"{saved.get('format_version', 1)}); this version reads format "
                              f"{CHECKPOINT_FORMAT_VERSION}")
-        if saved.get("num_optimizer_shards", 0) > 0 and state.optimizer.basic_optimizer is not None:
-            shards = ds_shards() if ds_shards else iter_optimizer_shards(path, saved["num_optimizer_shards"])
+        saved_tp = int(saved.get("tp_world_size", 1))
+        if saved_tp != state.tp_size and saved.get("num_optimizer_shards", 0) > 0:
+            # Optimizer shards hold slices of the saved layout's shards; the whole weights move.
+            logger.warning(f"{path} was saved at tensor-parallel size {saved_tp} and is loaded at {state.tp_size}: "
+                           "module weights are resharded, optimizer state (moments, momentum) starts afresh")
+            _reseed_masters(state, module_sd)
+        elif saved.get("num_optimizer_shards", 0) > 0 and state.optimizer.basic_optimizer is not None:
+            shards = ds_shards() if ds_shards else iter_optimizer_shards(path, saved["num_optimizer_shards"],
+                                                                         mp_rank=state.tp_rank)
             state.optimizer.load_shards(shards,
                                         load_optimizer_states=load_optimizer_states)
         else:
-            _reseed_masters(state, saved["module"])
+            _reseed_masters(state, reseed_sd)
     if state.lr_scheduler is not None and load_lr_scheduler_states and saved.get("lr_scheduler") is not None:
         state.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     _load_rng(path, saved.get("dp_world_size"))
@@ -249,6 +277,21 @@ def _read_model_states(path: str):
     if saved.get("pipeline") is not None:  # saved by the pipeline engine: weights are in per-layer files
         saved = {**saved, "module": pipeline_module_weights(path, saved["pipeline"])}
     return saved, None
+
+
+def _with_expert_weights(module: torch.nn.Module, module_sd: dict, path: str) -> Tuple[dict, dict]:
+    """``(weights to load, weights to reseed masters from)``: the dense weights plus this rank's
+    experts read from their files (``expert_files.py``) under local names; the second also
+    under global names, the names optimizer fragments use."""
+    local = expert_local_names(module)
+    if not local or all(name in module_sd for name in local):
+        return module_sd, module_sd
+    experts = read_expert_files(module, path, load_file)
+    merged = {**module_sd, **experts}
+    names = checkpoint_param_names(module)
+    by_local = {n: p for n, p in module.named_parameters()}
+    aliases = {names[by_local[n]]: value for n, value in experts.items()}
+    return merged, {**merged, **aliases}
 
 
 def _reseed_masters(state: EngineState, module_sd: dict) -> None:

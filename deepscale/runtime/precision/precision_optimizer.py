@@ -161,6 +161,12 @@ class PrecisionOptimizer(DeepSpeedOptimizer):
         return True
 
     @property
+    def overflow(self) -> bool:
+        """True when the last step was skipped for a non-finite gradient (DeepSpeed's name; Hugging
+        Face Accelerate reads it as ``step_was_skipped``)."""
+        return self.last_overflow
+
+    @property
     def last_grad_norm(self) -> Optional[float]:
         """Global gradient norm (unscaled, before clipping) of the last step; None after an overflow."""
         return None if self._grad_norm is None else float(self._grad_norm)

@@ -31,11 +31,16 @@ from deepscale.runtime.zero.partition import BucketPlan
 
 
 class ZeroBucket:
-    """Run-time state of one bucket: its parameters, staging buffer and the rank's chunk."""
+    """Run-time state of one bucket: its parameters, staging buffer and the rank's chunk.
 
-    def __init__(self, plan: BucketPlan, params: List[torch.nn.Parameter]):
+    ``comm`` is ``(group, world_size, rank)`` of the ranks sharing the bucket: the data-parallel
+    group, or for expert parameters their expert-data-parallel group (``runtime/expert_grads.py``).
+    """
+
+    def __init__(self, plan: BucketPlan, params: List[torch.nn.Parameter], comm: Tuple = (None, 1, 0)):
         self.plan = plan
         self.params = params
+        self.group, self.world_size, self.rank = comm
         self.staging: Optional[torch.Tensor] = None
         self.own_grad: Optional[torch.Tensor] = None  # this rank's reduced chunk
         self.seen = [False] * len(params)
@@ -112,7 +117,7 @@ class PartitionedGradients:
             if self.stage == 1:
                 bucket.staging = region
                 chunk = bucket.plan.chunk
-                bucket.own_grad = region[self.rank * chunk:(self.rank + 1) * chunk]
+                bucket.own_grad = region[bucket.rank * chunk:(bucket.rank + 1) * chunk]
             else:
                 bucket.own_grad = region
             offset += size
@@ -143,8 +148,8 @@ class PartitionedGradients:
         # the next reduction's division by the world size leaves it unchanged.
         for bucket in self.buckets:
             chunk = bucket.plan.chunk
-            bucket.staging[:self.rank * chunk].zero_()
-            bucket.staging[(self.rank + 1) * chunk:].zero_()
+            bucket.staging[:bucket.rank * chunk].zero_()
+            bucket.staging[(bucket.rank + 1) * chunk:].zero_()
             bucket.own_grad.mul_(self.world_size)
         self._reduced = False
 
@@ -188,12 +193,12 @@ class PartitionedGradients:
             staging.div_(self.predivide_factor)
         bucket.launched = True
         self._next_to_launch = bucket.index + 1
-        if self.world_size == 1:
+        if bucket.world_size == 1:
             bucket.result, bucket.handles = staging[:chunk], []
         else:
             tensor = staging if self.comm_dtype == staging.dtype else staging.to(self.comm_dtype)
-            bucket.handles, bucket.result = reduce_scatter_flat(tensor, self.rank, self.world_size, self.group,
-                                                                self.reduce_method)
+            bucket.handles, bucket.result = reduce_scatter_flat(tensor, bucket.rank, bucket.world_size,
+                                                                bucket.group, self.reduce_method)
         self._inflight.append(bucket)
         limit = self.max_inflight if self.overlap_comm else 0
         if self.stage == 2:
@@ -213,6 +218,10 @@ class PartitionedGradients:
             bucket.own_grad.add_(bucket.result, alpha=scale)
             bucket.staging = None  # stage 2 never keeps a full bucket past its reduction
         bucket.handles, bucket.result = [], None
+
+    def abort_backward(self) -> None:
+        """The owner's backward raised: disarm the hooks (later backwards' gradients stay in ``param.grad``)."""
+        self._armed = False
 
     def finish_backward(self, sync: bool) -> List[torch.nn.Parameter]:
         """Complete this backward's reductions; returns the parameters that got no gradient.

@@ -29,6 +29,7 @@ from deepscale.runtime.zero.stage3.hooks import EXTERNAL_PARAMS_ATTR
 from deepscale.runtime.zero.stage3.states import ZeroParamStatus
 from deepscale.runtime.zero.stage3.zero_param import (broadcast_full, gather_param, is_zero_param, partition_param,
                                                       release_param, write_back_shard, zero_params_of)
+from deepscale.utils.logging import warning_once
 
 __all__ = ["ZeroParamStatus", "Init", "GatheredParameters", "register_external_parameter",
            "unregister_external_parameter"]
@@ -70,7 +71,9 @@ class Init:
         data_parallel_group: the group parameters are split over. Default: the world (or ``mpu``'s).
         mem_efficient_linear: accepted for DeepSpeed compatibility.
         remote_device: ``None``/``"cpu"``/the accelerator: where shards live (the parameters'
-            own device). ``"nvme"`` is not supported (parameter offload is not built).
+            own device). ``"nvme"`` builds the shards in host memory (a one-time warning says
+            so); ``deepscale.initialize`` moves them to NVMe when the config's
+            ``zero_optimization.offload_param.device`` is ``"nvme"``.
         pin_memory: accepted for DeepSpeed compatibility.
         config_dict_or_path: a DeepSpeed config (dict or JSON path); fp16/bf16 set the dtype.
         config: alias of ``config_dict_or_path``.
@@ -86,9 +89,13 @@ class Init:
                  config_dict_or_path=None, config=None, enabled: bool = True, dtype: Optional[torch.dtype] = None,
                  mpu=None, **unused):
         self.enabled = bool(enabled)
-        if remote_device not in (None, "none", "cpu", "cuda") and not str(remote_device).startswith("cuda"):
-            raise ValueError(f"zero.Init(remote_device={remote_device!r}): allowed values are None, 'cpu' or the "
-                             "accelerator; parameter offload to NVMe is not built")
+        if remote_device == "nvme":
+            warning_once("zero.Init(remote_device='nvme'): the shards are built in host memory (1/N of the model "
+                         "per rank) and move to NVMe when deepscale.initialize applies "
+                         "zero_optimization.offload_param.device='nvme'")
+        elif remote_device not in (None, "none", "cpu", "cuda") and not str(remote_device).startswith("cuda"):
+            raise ValueError(f"zero.Init(remote_device={remote_device!r}): allowed values are None, 'cpu', 'nvme' "
+                             "or the accelerator")
         self.dtype = dtype or _config_dtype(config_dict_or_path if config_dict_or_path is not None else config)
         self._patched, self._depth, self._saved_apply, self._saved_init_subclass = [], {}, None, None
         self._saved_constructors = None

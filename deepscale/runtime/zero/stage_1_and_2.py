@@ -19,7 +19,9 @@ from typing import Dict, List, Optional
 import torch
 
 from deepscale import comm as dist
+from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
+from deepscale.runtime.expert_grads import split_by_expert_group
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.collectives import all_gather_flat, pick_methods
@@ -99,7 +101,8 @@ class ZeroOptimizer(TrainingOptimizer):
         self._grad_args = dict(accum_dtype=accum_dtype, comm_dtype=comm_dtype, overlap_comm=overlap_comm,
                                reduce_method=reduce_method, predivide_factor=predivide_factor)
         self._module = module
-        self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
+        # expert parameters under their global expert names (checkpoint/expert_files.py)
+        self.param_names: Dict[torch.nn.Parameter, str] = checkpoint_param_names(module)
         layout_numel = int(bucket_numel) if stage == 1 else min(int(bucket_numel), STAGE2_MAX_BUCKET_NUMEL)
         self.buckets = self._plan(module, layout_numel)
         if self.basic.state:
@@ -117,31 +120,38 @@ class ZeroOptimizer(TrainingOptimizer):
     def _plan(self, module: torch.nn.Module, bucket_numel: int) -> List[ZeroBucket]:
         registration = {p: i for i, p in enumerate(module.parameters())}
         self.group_params: List[List[torch.nn.Parameter]] = []
-        plans, members = [], []
+        plans, members, comms = [], [], []
+        dense_comm = (self.group, self.world_size, self.rank)
         for group_index, group in enumerate(self.basic.param_groups):
             trainable = [p for p in group["params"] if p.requires_grad]
             self.group_params.append(trainable)
-            for plan in plan_group_buckets(group_index, [p.numel() for p in trainable], bucket_numel,
-                                           self.world_size):
-                plans.append(plan)
-                members.append([trainable[i] for i in plan.param_indices])
+            # Expert parameters are partitioned over their expert-data-parallel group (expert_grads.py).
+            dense, experts = split_by_expert_group(trainable)
+            subsets = [(dense, dense_comm)] + [(params, (g.edp_group, g.edp_size, g.edp_rank)) for g, params in experts]
+            position = {id(p): i for i, p in enumerate(trainable)}
+            for subset, comm in subsets:
+                for plan in plan_group_buckets(group_index, [p.numel() for p in subset], bucket_numel, comm[1]):
+                    plan.param_indices = [position[id(subset[i])] for i in plan.param_indices]
+                    plans.append(plan)
+                    members.append([trainable[i] for i in plan.param_indices])
+                    comms.append(comm)
         # Backward reaches the earliest-registered parameter last: a bucket is complete when its
         # earliest-registered parameter has reported.
         keys = [-min(registration.get(p, len(registration)) for p in params) for params in members]
-        by_plan = {id(plan): params for plan, params in zip(plans, members)}
+        by_plan = {id(plan): (params, comm) for plan, params, comm in zip(plans, members, comms)}
         managed = {p for params in members for p in params}
         stray = [n for p, n in self.param_names.items() if p.requires_grad and p not in managed]
         if stray:
             logger.warning(f"{len(stray)} trainable parameter(s) are not in the optimizer and will not be updated "
                            f"by ZeRO, e.g. {stray[:3]}")
-        return [ZeroBucket(plan, by_plan[id(plan)]) for plan in order_buckets(plans, keys)]
+        return [ZeroBucket(plan, *by_plan[id(plan)]) for plan in order_buckets(plans, keys)]
 
     @torch.no_grad()
     def _clone_master(self, bucket: ZeroBucket) -> torch.Tensor:
         plan = bucket.plan
         master = torch.zeros(plan.chunk, dtype=torch.float32, device=bucket.params[0].device)
         for position, param in enumerate(bucket.params):
-            frag = plan.fragment(self.rank, position)
+            frag = plan.fragment(bucket.rank, position)
             if frag is not None:
                 master[frag.chunk_offset:frag.chunk_offset + frag.numel].copy_(
                     param.detach().reshape(-1)[frag.param_start:frag.param_start + frag.numel])
@@ -176,11 +186,14 @@ class ZeroOptimizer(TrainingOptimizer):
 
     def _own_chunk(self, bucket: ZeroBucket, flat: torch.Tensor) -> torch.Tensor:
         chunk = bucket.plan.chunk
-        return flat[self.rank * chunk:(self.rank + 1) * chunk]
+        return flat[bucket.rank * chunk:(bucket.rank + 1) * chunk]
 
     # --- backward -------------------------------------------------------------------------
     def prepare_backward(self, sync: bool) -> None:
         self.grads.begin_backward(reducing=sync or self.stage == 2)
+
+    def abort_backward(self) -> None:
+        self.grads.abort_backward()
 
     def finish_backward(self, sync: bool) -> None:
         missing = self.grads.finish_backward(sync)
@@ -201,6 +214,18 @@ class ZeroOptimizer(TrainingOptimizer):
             master.grad = grad if grad.dtype == torch.float32 else grad.float()
         return grads
 
+    def _local_grad_parts(self, params) -> List[torch.Tensor]:
+        parts = []
+        for param in params:
+            try:
+                bucket, position = self.grads.location(param)
+            except KeyError:  # frozen or not managed here
+                continue
+            frag = bucket.plan.fragment(self.rank, position)
+            if frag is not None:
+                parts.append(bucket.own_grad[frag.chunk_offset:frag.chunk_offset + frag.numel])
+        return parts
+
     def _publish_masters(self) -> None:
         self.all_gather_params()
 
@@ -212,9 +237,9 @@ class ZeroOptimizer(TrainingOptimizer):
             own = self._own_chunk(bucket, flat)
             if own.data_ptr() != master.data_ptr():
                 own.copy_(master)
-            if self.world_size == 1:
+            if bucket.world_size == 1:
                 continue
-            handles += all_gather_flat(flat, self.rank, self.world_size, self.group, self.gather_method)
+            handles += all_gather_flat(flat, bucket.rank, bucket.world_size, bucket.group, self.gather_method)
             inflight += bucket.plan.padded
             if inflight >= self.allgather_bucket_numel:
                 for handle in handles:
@@ -252,7 +277,7 @@ class ZeroOptimizer(TrainingOptimizer):
         out = []
         for bucket, master in zip(self.buckets, self._masters):
             for position, param in enumerate(bucket.params):
-                frag = bucket.plan.fragment(self.rank, position)
+                frag = bucket.plan.fragment(bucket.rank, position)
                 if frag is not None and param in self.param_names:
                     out.append(OwnedFragment(self.param_names[param], tuple(param.shape), frag.param_start,
                                              frag.numel, master, frag.chunk_offset, bucket.plan.group_index))

@@ -22,7 +22,7 @@ class FullTensorAccess:
     def _locate(self, param):
         bucket, position = self._opt.grads.location(param)
         index = self._opt.buckets.index(bucket)
-        return bucket, bucket.plan.fragment(self._opt.rank, position), self._opt.masters[index]
+        return bucket, bucket.plan.fragment(bucket.rank, position), self._opt.masters[index]
 
     def _assemble(self, param, source_chunk: Optional[torch.Tensor]) -> torch.Tensor:
         bucket, frag, _ = self._locate(param)
@@ -30,9 +30,9 @@ class FullTensorAccess:
         if frag is not None and source_chunk is not None:
             full[frag.param_start:frag.param_start + frag.numel].copy_(
                 source_chunk[frag.chunk_offset:frag.chunk_offset + frag.numel])
-        if self._opt.world_size > 1:
+        if bucket.world_size > 1:
             # Fragments do not overlap, so a sum assembles them exactly.
-            dist.all_reduce(full, group=self._opt.group)
+            dist.all_reduce(full, group=bucket.group)
         return full.view(param.shape)
 
     def _scatter(self, param, value: torch.Tensor, dest_chunk: torch.Tensor) -> None:
@@ -53,13 +53,13 @@ class FullTensorAccess:
 
     @torch.no_grad()
     def get_full_optimizer_state(self, param, key: str) -> Optional[torch.Tensor]:
-        master = self._locate(param)[2]
+        bucket, _, master = self._locate(param)
         value = self._opt.basic.state.get(master, {}).get(key)
         if value is not None and not (torch.is_tensor(value) and value.shape == master.shape):
             return value  # a per-group scalar such as Adam's step
         exists = torch.tensor([float(value is not None)])
-        if self._opt.world_size > 1:
-            dist.all_reduce(exists, group=self._opt.group)
+        if bucket.world_size > 1:
+            dist.all_reduce(exists, group=bucket.group)
         if float(exists) == 0:
             return None
         return self._assemble(param, value.detach() if value is not None else None)

@@ -46,13 +46,7 @@ def test_feature_error_is_a_value_error():
 @pytest.mark.parametrize("sections, key, feature", [
     ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}},
      "zero_optimization.offload_optimizer.device=cpu", "ZeRO-Offload of optimizer states"),
-    ({"zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": "/nvme"}}},
-     "zero_optimization.offload_param.device=nvme", "ZeRO-Offload of parameters"),
     ({"zero_optimization": {"zenflow": {}}}, "the 'zero_optimization.zenflow' section", "ZenFlow"),
-    ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size=2", "AutoTP"),
-    ({"tensor_parallel": {"tp": {"tp_size": 2}}}, "tensor_parallel.tp.tp_size=2", "tensor parallelism"),
-    ({"sequence_parallel_size": 2}, "sequence_parallel_size=2", "sequence parallelism"),
-    ({"flops_profiler": {"enabled": True}}, "flops_profiler.enabled=true", "flops profiler"),
     ({"compression_training": {"sparse_pruning": {"shared_parameters": {"enabled": True}}}},
      "compression_training.sparse_pruning.shared_parameters.enabled=true", "compression training"),
     ({"compression_training": {"layer_reduction": {"enabled": True}}},

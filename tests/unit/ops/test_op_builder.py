@@ -69,7 +69,8 @@ def test_missing_compiler_is_a_reason(monkeypatch, tmp_path):
 
 
 def test_every_op_has_a_builder_with_a_verdict():
-    assert set(ALL_OPS) == {"cpu_adam", "cpu_adagrad", "cpu_lion", "fused_adam", "async_io", "async_io_uring"}
+    assert set(ALL_OPS) == {"cpu_adam", "cpu_adagrad", "cpu_lion", "fused_adam", "async_io", "async_io_uring",
+                            "cpu_attention", "flash_attn"}
     for name in ALL_OPS:
         compat = get_builder(name).is_compatible()
         assert bool(compat) == (compat.reason == "")

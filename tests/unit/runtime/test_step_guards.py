@@ -53,7 +53,7 @@ def _nan_run(stage):
     for precision in ("fp32", "bf16", "fp16"):
         engine = _engine(stage, world, None if precision == "fp32" else precision)
         handler = _capture()
-        lrs, changed = [], []
+        lrs, changed, overflow = [], [], []
         for step in range(NUM_STEPS):
             x, y = rank_micro_batch(step, 0, rank, 2, 1, world)
             if step == NAN_STEP and rank == world - 1:
@@ -63,9 +63,11 @@ def _nan_run(stage):
             engine.step()
             changed.append(any(not torch.equal(a, b) for a, b in zip(before, _weights(engine))))
             lrs.append(engine.get_lr()[0])
+            # what initialize returned; Accelerate's step_was_skipped reads its ``overflow``
+            overflow.append(getattr(engine.optimizer, "overflow", None))
         logging.getLogger("deepscale").removeHandler(handler)
         finite = all(torch.isfinite(w).all().item() for w in _weights(engine))
-        out[precision] = dict(finite=finite, changed=changed, lrs=lrs, skipped=engine.skipped_steps,
+        out[precision] = dict(finite=finite, changed=changed, lrs=lrs, overflow=overflow, skipped=engine.skipped_steps,
                               global_steps=engine.global_steps, scale=engine.loss_scale,
                               logged=any("skipping" in m for m in handler.messages))
         engine.destroy()
@@ -84,6 +86,8 @@ def test_nan_gradient_skips_step_at_every_precision(stage):
                 f"{where}: lr schedule moved on the skipped step {r['lrs']}"
             if precision != "fp16":
                 assert r["scale"] == 1.0, where
+            if precision != "fp32" or stage > 0:  # fp32 stage 0 returns the torch optimizer itself
+                assert r["overflow"] == [False, True, False], f"{where}: optimizer.overflow {r['overflow']}"
             if rank == 0:  # the warning is logged once, by rank 0
                 assert r["logged"], f"{where}: the skipped step was not logged"
 

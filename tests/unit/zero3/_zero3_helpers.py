@@ -75,3 +75,14 @@ def gpt_reference(num_steps: int, batch_size: int, clip: float = 0.0, model_kwar
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def trim_heap() -> None:
+    """Return freed heap pages to the OS so resident memory measures live data only."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

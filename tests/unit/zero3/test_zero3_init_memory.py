@@ -2,7 +2,8 @@
 import torch
 
 from dist_harness import run_distributed
-from _zero3_helpers import MICRO_BS, STAGE3_SMALL, build_gpt_engine, full_params, gpt_reference, train_gpt
+from _zero3_helpers import (MICRO_BS, STAGE3_SMALL, build_gpt_engine, full_params, gpt_reference, train_gpt,
+                            trim_heap as _trim_heap)
 from _zero3_models import make_gpt
 
 
@@ -105,15 +106,6 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _trim_heap() -> None:
-    # Return freed heap pages to the OS so resident memory measures live data only.
-    import ctypes
-    import gc
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _build_big_under_limit(world, limit_fraction):

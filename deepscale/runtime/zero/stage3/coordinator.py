@@ -12,6 +12,24 @@ order costs only the prefetch. Backward walks the recorded sequence in reverse t
 groups whose gradients are still to come. Decisions depend only on the recorded sequence and on
 element counts, so every rank that runs the same modules issues the same collectives.
 
+Note: the tail of the forward. The backward starts with the groups the forward used last, so a
+group whose last forward use is followed by at most ``min(stage3_max_reuse_distance,
+stage3_prefetch_bucket_size)`` elements of other groups (the recorded order, reversed) is kept
+gathered through the end of the forward instead of released and gathered again at once: the
+backward's prefetch would hold those groups at that point anyway, so peak memory does not grow,
+and a small model whose groups all sit in that window (a tied embedding used first and last)
+saves a whole all-gather per step. Only trainable groups under grad mode are kept; the backward's
+end releases them as always, and the step releases any still gathered (a forward without a
+backward) when it publishes the new shards, so no stale value outlives a step.
+
+Note: other backwards. A backward the owning engine did not start (a GAN's generator loss
+flowing back through this discriminator, or a plain ``loss.backward()``) still gathers the groups
+its modules need, but takes no gradient: they stay in ``param.grad``, as in PyTorch, where the
+user's ``zero_grad()`` clears them or the engine's next backward adds to them before reducing.
+Nothing ends such a backward, so the engine's next forward, backward or step closes it
+(``close_stray_backward``): outside a running autograd pass a coordinator still in BACKWARD can
+only be left from one.
+
 Note: gradients, in an order every rank shares. When every trainable parameter of a group has
 its gradient accumulated in a backward, the group is ready and released. Reduce-scatters are
 launched strictly in one order, the same on every rank: the groups by descending first position
@@ -77,6 +95,10 @@ class ParamCoordinator:
         self._reduce_order: List[int] = []
         self._launched = 0  # how many groups of _reduce_order this backward has reduced
         self._ready: set = set()
+        # parameter offload (runtime/offload/param_offload.py): told where each phase begins
+        # and ends, so that it reads shards ahead in the order the last pass used them
+        self.offload = None
+        self.armed = False  # the owning engine's own backward is running (see the Note on other backwards)
 
     # --- gather / release -----------------------------------------------------------------
     def fetch(self, group: ParamGroup) -> None:
@@ -112,7 +134,25 @@ class ParamCoordinator:
             self.release(group, force=True)
 
     # --- forward --------------------------------------------------------------------------
+    def close_stray_backward(self) -> None:
+        """End a backward that this engine did not finish (another engine's backward through this
+        model, or one that raised): release its groups and go back to idle. A no-op inside a
+        running backward (a recompute under activation checkpointing) or when idle."""
+        if self.training != TrainingState.BACKWARD or torch._C._current_graph_task_id() != -1:
+            return
+        logger.debug("ZeRO-3: closing a backward the engine did not run (another engine's, or one that raised)")
+        self.armed = False
+        for group in self.groups:
+            group.backward_done = False
+            group.reported.clear()
+            group.users = 0
+            self.release(group, force=True)
+        self.module_stack.clear()
+        self.running_hooks.clear()
+        self.training.to(TrainingState.IDLE)
+
     def begin_forward(self) -> None:
+        self.close_stray_backward()
         if self.training == TrainingState.FORWARD:  # the previous forward raised
             logger.debug("ZeRO-3: a forward began before the previous one ended; releasing its groups")
             self.release_all()
@@ -123,6 +163,8 @@ class ParamCoordinator:
             return  # forward during backward: activation checkpointing recomputes
         self.training.to(TrainingState.FORWARD)
         self._current, self._on_track, self._prefetch_cursor = [], bool(self.trace), 0
+        if self.offload is not None:
+            self.offload.begin_phase("forward")
         self._modules_run = 0
 
     def enter_module(self, name: str, index: int) -> None:
@@ -140,11 +182,16 @@ class ParamCoordinator:
         # the recorded sequence decides the reduce order: compare it across ranks too
         self.runner.check_boundary("end_forward", self.last_module,
                                    token=hash((tuple(self._current), self._modules_run)))
+        on_track = self._on_track and len(self._current) == len(self.trace)
         for group in self.groups:
-            if group.users == 0:
+            if group.users == 0 and not (on_track and self._needed_first_in_backward(group)):
                 self.release(group)
         self._set_trace(self._current)
         self.training.to(TrainingState.IDLE)
+        if self.offload is not None:
+            self.offload.end_phase()
+            if torch.is_grad_enabled():
+                self.offload.prepare_phase("backward")
 
     def _set_trace(self, trace: List[int]) -> None:
         self.trace = list(trace)
@@ -203,9 +250,20 @@ class ParamCoordinator:
             if group.users or group.persistent or self.training == TrainingState.BACKWARD:
                 continue
             if (self.training == TrainingState.FORWARD and self.live_numel <= self.max_live_numel
-                    and self._reused_soon(group)):
+                    and (self._reused_soon(group) or self._needed_first_in_backward(group))):
                 continue
             self.release(group)
+
+    def _needed_first_in_backward(self, group: ParamGroup) -> bool:
+        """Whether ``group`` is at the tail of the recorded forward, close enough to the start of
+        the backward to keep it gathered through the boundary (see the Note on the tail)."""
+        if not (self._on_track and torch.is_grad_enabled() and self.trainable_of[group.index]):
+            return False
+        position = getattr(group, "last_position", None)
+        if position is None or position >= len(self.trace):
+            return False
+        after = self._numel_prefix[len(self.trace)] - self._numel_prefix[position + 1]
+        return after + group.numel <= min(self.max_reuse_distance, self.prefetch_numel)
 
     def _reused_soon(self, group: ParamGroup) -> bool:
         if not self._on_track:
@@ -226,6 +284,8 @@ class ParamCoordinator:
         if self.training == TrainingState.IDLE:
             self.training.to(TrainingState.BACKWARD)
             self._bwd_cursor = len(self.trace) - 1
+            if self.offload is not None:
+                self.offload.begin_phase("backward")
         for group in groups:
             self.fetch(group)
         if self.prefetch_numel > 0 and self.training == TrainingState.BACKWARD:
@@ -241,10 +301,34 @@ class ParamCoordinator:
                 self._start(group)
             self._bwd_cursor -= 1
 
+    def has_frozen(self, groups: Sequence[ParamGroup]) -> bool:
+        """Whether any of ``groups`` has no trainable parameter (no gradient ever releases it)."""
+        return any(not self.trainable_of[g.index] for g in groups)
+
+    def post_backward(self, groups: Sequence[ParamGroup]) -> None:
+        """A module's backward is done: release its groups that have no trainable parameter.
+
+        Note: frozen groups in backward. A group is released in backward once its gradients
+        are in (``grad_ready``); a group of frozen parameters gets none, so without this it
+        stayed gathered until the backward ended: a frozen body of any size was held whole.
+        Its modules' inputs pass through an identity whose backward runs when the module's
+        backward finished (``hooks._PostBackward``, as PyTorch FSDP2 does); a later module
+        that reads the group again gathers it again in its pre-backward hook."""
+        if self.training != TrainingState.BACKWARD:
+            return
+        for group in groups:
+            if not self.trainable_of[group.index] and group.users == 0:
+                self.release(group)
+
     def grad_ready(self, param: torch.nn.Parameter, group: ParamGroup) -> None:
         """Post-accumulate-grad hook: reduce the group once all its trainable gradients are in."""
         group.reported.add(id(param))
         if len(group.reported) < len(self.trainable_of[group.index]):
+            return
+        if not self.armed:  # another backward: the gradients stay in param.grad (see the Note)
+            group.reported.clear()
+            if group.users == 0:
+                self.release(group)
             return
         if group.backward_done:  # complete again in this backward (reentrant checkpointing)
             self._reduce(group)
@@ -299,6 +383,8 @@ class ParamCoordinator:
         self.running_hooks.clear()
         if self.training == TrainingState.BACKWARD:
             self.training.to(TrainingState.IDLE)
+        if self.offload is not None:
+            self.offload.end_phase()
 
     @property
     def has_pending_reduces(self) -> bool:

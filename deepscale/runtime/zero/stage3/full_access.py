@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from deepscale import comm as dist
-from deepscale.runtime.zero.stage3.zero_param import shard_range
+from deepscale.runtime.zero.stage3.zero_param import shard_access, shard_range
 
 
 class Stage3TensorAccess:
@@ -27,12 +27,12 @@ class Stage3TensorAccess:
     def _gather(self, param, piece: torch.Tensor) -> torch.Tensor:
         """The full tensor (param's shape, fp32) from every rank's padded ``piece``."""
         piece = piece.detach().float().contiguous()
-        world = self._opt.world_size
+        world = param.ds_world_size  # expert parameters: their expert-data-parallel group
         if world == 1:
             full = piece.clone()
         else:
             full = torch.empty(world * piece.numel(), dtype=piece.dtype, device=piece.device)
-            dist.all_gather_into_tensor(full, piece, group=self._opt.group)
+            dist.all_gather_into_tensor(full, piece, group=param.ds_process_group)
         return full[:param.ds_numel].view(param.ds_shape)
 
     def _keep_piece(self, param, value: torch.Tensor, dest: torch.Tensor) -> None:
@@ -67,7 +67,8 @@ class Stage3TensorAccess:
     def set_full_fp32(self, param, value: torch.Tensor) -> None:
         master, _, offset, length = self._slot(param)
         self._keep_piece(param, value, master.detach()[offset:offset + length])
-        self._keep_piece(param, value, param.ds_tensor)
+        with shard_access(param, write=True):
+            self._keep_piece(param, value, param.ds_tensor)
         if param.data.numel() == param.ds_numel:  # gathered right now: keep the full copy current
             param.data.copy_(value.reshape(param.ds_shape).to(param.dtype))
 

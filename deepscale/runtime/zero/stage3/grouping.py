@@ -10,7 +10,7 @@ to the group of the first module that registers it; the other modules' hooks gat
 too. Parameters below ``stage3_param_persistence_threshold`` elements go to persistent groups
 that are gathered once and kept, as in DeepSpeed.
 """
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -36,7 +36,9 @@ class _OpenGroup:
 
 
 def build_groups(model: torch.nn.Module, runner: CollectiveRunner, group_numel: int,
-                 persistence_threshold: int, names: Dict[torch.nn.Parameter, str]) -> List[ParamGroup]:
+                 persistence_threshold: int, names: Dict[torch.nn.Parameter, str],
+                 include: Optional[Callable[[torch.nn.Parameter], bool]] = None,
+                 first_index: int = 0) -> List[ParamGroup]:
     """Groups over every partitioned parameter of ``model`` (see the module Note).
 
     Args:
@@ -45,6 +47,9 @@ def build_groups(model: torch.nn.Module, runner: CollectiveRunner, group_numel: 
         group_numel: close a group at a module boundary once it holds this many elements.
         persistence_threshold: parameters with fewer elements are persistent.
         names: parameter -> qualified name.
+        include: only parameters it accepts are grouped (expert parameters get groups of their
+            own, over their expert-data-parallel runner). Default: every parameter.
+        first_index: index of the first group. Default 0.
     """
     closed: List[_OpenGroup] = []
     persistent: Dict[tuple, _OpenGroup] = {}
@@ -52,7 +57,7 @@ def build_groups(model: torch.nn.Module, runner: CollectiveRunner, group_numel: 
     current = _OpenGroup()
     for module_name, module in model.named_modules():
         for param in module.parameters(recurse=False):
-            if id(param) in seen:
+            if id(param) in seen or (include is not None and not include(param)):
                 continue
             seen.add(id(param))
             key = (param.ds_tensor.dtype, param.ds_tensor.device)
@@ -68,7 +73,7 @@ def build_groups(model: torch.nn.Module, runner: CollectiveRunner, group_numel: 
             current = _OpenGroup()
     if current.params:
         closed.append(current)
-    groups = [ParamGroup(i, g.params, g.names, g.modules, runner) for i, g in enumerate(closed)]
+    groups = [ParamGroup(first_index + i, g.params, g.names, g.modules, runner) for i, g in enumerate(closed)]
     for g in persistent.values():
-        groups.append(ParamGroup(len(groups), g.params, g.names, g.modules, runner, persistent=True))
+        groups.append(ParamGroup(first_index + len(groups), g.params, g.names, g.modules, runner, persistent=True))
     return groups

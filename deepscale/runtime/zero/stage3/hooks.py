@@ -27,7 +27,7 @@ raises :class:`ExternalParameterError` for it.
 from typing import Callable, List
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from deepscale.runtime.zero.stage3.coordinator import ParamCoordinator
 from deepscale.runtime.zero.stage3.param_group import ParamGroup, find_group
@@ -36,6 +36,21 @@ from deepscale.utils.logging import logger
 from deepscale.utils.zero3_leaf import LEAF_ATTR
 
 EXTERNAL_PARAMS_ATTR = "_deepscale_external_params"
+
+
+class _PostBackward(torch.autograd.Function):
+    """Identity on a module's inputs whose backward runs once the module's backward is done
+    (the gradients of its inputs are computed): frozen groups are released there."""
+
+    @staticmethod
+    def forward(ctx, hooks, *tensors):
+        ctx.hooks = hooks
+        return tensors
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.hooks.coordinator.post_backward(ctx.hooks.groups())
+        return (None,) + grads
 
 
 class _ZeroParamDict(dict):
@@ -104,6 +119,20 @@ class ModuleHooks:
         groups = self.groups()
         if groups:
             self.coordinator.acquire(groups)
+            if torch.is_grad_enabled() and self.coordinator.has_frozen(groups):
+                return self._hook_inputs(args)
+        return None
+
+    def _hook_inputs(self, args):
+        """Route the inputs that need gradients through :class:`_PostBackward` (see Note in
+        coordinator.py: frozen groups in backward)."""
+        flat, spec = tree_flatten(args)
+        picked = [i for i, v in enumerate(flat) if isinstance(v, torch.Tensor) and v.requires_grad]
+        if not picked:
+            return None
+        for i, value in zip(picked, _PostBackward.apply(self, *[flat[i] for i in picked])):
+            flat[i] = value
+        return tree_unflatten(flat, spec)
 
     def _post_forward(self, module, args, output):
         groups = self.groups()

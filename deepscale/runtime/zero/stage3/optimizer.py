@@ -18,7 +18,10 @@ from typing import Dict, List, Optional
 import torch
 
 from deepscale import comm as dist
+from deepscale.comm.expert_groups import expert_groups_of_param
+from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
+from deepscale.runtime.offload.param_offload import ParamOffload, param_offload_settings
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.stage3.collectives import CollectiveRunner, twin_group
@@ -56,6 +59,9 @@ class Stage3Optimizer(TrainingOptimizer):
         bucket_numel: ``reduce_bucket_size``: a parameter group (what one all-gather and one
             reduce-scatter carry) is closed at a module boundary once it reaches
             ``min(bucket_numel, 4M)`` elements. Default 500M.
+        param_offload: ``zero_optimization.offload_param`` as
+            :class:`~deepscale.runtime.offload.param_offload.ParamOffloadSettings`: keep the
+            parameter shards in host memory or on NVMe between uses. Default None (not offloaded).
         debug: also sequence-check every reduce-scatter and check every forward for partitioned
             parameters used outside the modules that gather them (also ``DEEPSCALE_ZERO3_DEBUG=1``);
             all-gathers and phase ends are always checked. Default False.
@@ -70,7 +76,7 @@ class Stage3Optimizer(TrainingOptimizer):
                  comm_dtype: Optional[torch.dtype] = None,
                  prefetch_numel: int = 50_000_000, max_live_numel: int = 1_000_000_000,
                  max_reuse_distance: int = 1_000_000_000, persistence_threshold: int = 100_000,
-                 debug: bool = False, allow_untested_optimizer: bool = False,
+                 debug: bool = False, allow_untested_optimizer: bool = False, param_offload=None,
                  **unused):
         if basic_optimizer is None:
             raise ValueError("zero_optimization.stage=3 partitions optimizer state, so it needs an optimizer: add an "
@@ -81,19 +87,37 @@ class Stage3Optimizer(TrainingOptimizer):
         self.rank = dist.get_rank(group) if world_size > 1 else 0
         self._loss_scaler, self._clip_grad = loss_scaler, clip_grad
         self._module = module
-        self.param_names: Dict[torch.nn.Parameter, str] = {p: n for n, p in module.named_parameters()}
+        # expert parameters under their global expert names (checkpoint/expert_files.py)
+        self.param_names: Dict[torch.nn.Parameter, str] = checkpoint_param_names(module)
         self.debug = bool(debug) or debug_enabled_from_env()
         self.runner = CollectiveRunner(group, world_size, reduce_group=twin_group(group, world_size),
                                        check_reduces=self.debug)
+        # Expert parameters are partitioned over their expert-data-parallel group (expert_grads.py).
+        self._expert_runners = {}
+        for groups in sorted({g.name: g for g in filter(None, map(expert_groups_of_param, module.parameters()))
+                              }.values(), key=lambda g: g.name):
+            self._expert_runners[groups.name] = (groups, CollectiveRunner(
+                groups.edp_group, groups.edp_size, reduce_group=twin_group(groups.edp_group, groups.edp_size),
+                check_reduces=self.debug))
         self.group_params = self._trainable_per_group()
         fp32_shards = self._partition(module)
-        group_numel = min(int(bucket_numel), DEFAULT_GROUP_NUMEL)
-        self.groups: List[ParamGroup] = build_groups(module, self.runner, max(1, group_numel),
-                                                     int(persistence_threshold), self.param_names)
+        group_numel = max(1, min(int(bucket_numel), DEFAULT_GROUP_NUMEL))
+        if param_offload is not None and param_offload.max_group_numel(world_size):
+            group_numel = min(group_numel, param_offload.max_group_numel(world_size))  # a shard fits a swap buffer
+        self.groups: List[ParamGroup] = build_groups(module, self.runner, group_numel, int(persistence_threshold),
+                                                     self.param_names,
+                                                     include=lambda p: expert_groups_of_param(p) is None)
+        for name, (_, runner) in self._expert_runners.items():
+            self.groups += build_groups(module, runner, group_numel, int(persistence_threshold), self.param_names,
+                                        include=lambda p, n=name: getattr(expert_groups_of_param(p), "name", None) == n,
+                                        first_index=len(self.groups))
+        self.param_offload = None if param_offload is None else ParamOffload(param_offload, self.groups, group,
+                                                                              world_size, debug=self.debug)
         self._build_masters(fp32_shards)
         comm_dtype = comm_dtype or accum_dtype
         self.coordinator = ParamCoordinator(self.groups, prefetch_numel, max_live_numel, max_reuse_distance,
                                             comm_dtype, self._accumulate, self.runner)
+        self.coordinator.offload = self.param_offload
         managed = {id(p) for params in self.group_params for p in params}
         for g in self.groups:
             self.coordinator.trainable_of[g.index] = [p for p in g.params if id(p) in managed]
@@ -120,10 +144,12 @@ class Stage3Optimizer(TrainingOptimizer):
         managed = {id(p) for params in self.group_params for p in params}
         fp32 = {}
         for param, name in self.param_names.items():
+            group, world_size, rank = self._comm_of(param)
             if is_zero_param(param):
-                if param.ds_world_size != self.world_size:
+                if param.ds_world_size != world_size:
                     raise ValueError(f"parameter {name} was partitioned by zero.Init over {param.ds_world_size} "
-                                     f"ranks but the engine's data-parallel group has {self.world_size}")
+                                     f"ranks but its data-parallel group has {world_size} (expert parameters are "
+                                     "partitioned over their expert-data-parallel group)")
                 if id(param) in managed:
                     fp32[id(param)] = param.ds_tensor.detach().float().clone()
                 if param.ds_tensor.dtype != self.model_dtype:
@@ -131,9 +157,16 @@ class Stage3Optimizer(TrainingOptimizer):
                     param.data = torch.empty(0, dtype=self.model_dtype, device=param.ds_tensor.device)
                 continue
             if id(param) in managed:
-                fp32[id(param)] = take_shard(param.data.float(), self.rank, self.world_size)
-            partition_param(param, self.group, self.world_size, self.rank, dtype=self.model_dtype)
+                fp32[id(param)] = take_shard(param.data.float(), rank, world_size)
+            partition_param(param, group, world_size, rank, dtype=self.model_dtype)
         return fp32
+
+    def _comm_of(self, param) -> tuple:
+        """``(group, world_size, rank)`` that partitions ``param``."""
+        groups = expert_groups_of_param(param)
+        if groups is None:
+            return self.group, self.world_size, self.rank
+        return groups.edp_group, groups.edp_size, groups.edp_rank
 
     def _build_masters(self, fp32_shards: Dict[int, torch.Tensor]) -> None:
         self._masters: List[Optional[torch.Tensor]] = []
@@ -157,10 +190,11 @@ class Stage3Optimizer(TrainingOptimizer):
                 self._slots[id(param)] = (index, offset, length)
                 param._ds_master_view = master.detach()[offset:offset + length]
                 offset += length
-        if self.model_dtype == torch.float32:
+        if self.model_dtype == torch.float32 and self.param_offload is None:
             self._share_fp32_shards()
         managed = [p for params in self.group_params for p in params
                    if p.ds_tensor.data_ptr() != p._ds_master_view.data_ptr()]
+        self._publish_params = managed
         self._publish_dst = [p.ds_tensor for p in managed]
         self._publish_src = [p._ds_master_view for p in managed]
         self._accumulate_plan = {}
@@ -197,13 +231,17 @@ class Stage3Optimizer(TrainingOptimizer):
                 self._handles.append(param.register_post_accumulate_grad_hook(self._on_grad))
         for param, name in self.param_names.items():
             if param.requires_grad and id(param) not in self._slots:
-                self._handles.append(param.register_post_accumulate_grad_hook(_drop_grad))
+                self._handles.append(param.register_post_accumulate_grad_hook(self._drop_own_grad))
         self._handles.extend(install_load_hooks(self._module))
         access = Stage3TensorAccess(self)
         for params in self.group_params:
             for param in params:
                 param._deepscale_full_access = access
         self._refresh_persistent()
+
+    def _drop_own_grad(self, param: torch.nn.Parameter) -> None:
+        if self.coordinator.armed:  # another backward's gradients stay, as in PyTorch
+            _drop_grad(param)
 
     def _on_grad(self, param: torch.nn.Parameter) -> None:
         self.coordinator.grad_ready(param, param._ds_group)
@@ -241,8 +279,15 @@ class Stage3Optimizer(TrainingOptimizer):
 
     def prepare_backward(self, sync: bool) -> None:
         """Gradients are reduce-scattered every micro-step, so ``sync`` changes nothing."""
+        self.coordinator.close_stray_backward()
+        self.coordinator.armed = True
+
+    def abort_backward(self) -> None:
+        """The backward raised: take no more gradients (the next entry closes it)."""
+        self.coordinator.armed = False
 
     def finish_backward(self, sync: bool) -> None:
+        self.coordinator.armed = False
         self.coordinator.end_backward()
         self._pending_grads = True
         self._note_backward()
@@ -260,15 +305,25 @@ class Stage3Optimizer(TrainingOptimizer):
                 grads.append(grad)
         return grads
 
+    def _local_grad_parts(self, params) -> List[torch.Tensor]:
+        parts = []
+        for param in params:
+            slot = self._slots.get(id(param))
+            if slot is not None and self._master_grads[slot[0]] is not None:
+                parts.append(self._master_grads[slot[0]][slot[1]:slot[1] + slot[2]])
+        return parts
+
     def _publish_masters(self) -> None:
         self.publish_masters()
 
     def step(self) -> bool:
         """Unscale, clip, check overflow and update the fp32 masters; publish them into the shards."""
+        self.coordinator.close_stray_backward()
         self.coordinator.training.to(TrainingState.STEP)
         try:
             applied = super().step()
-            self.runner.step += 1
+            for runner in [self.runner] + [r for _, r in self._expert_runners.values()]:
+                runner.step += 1
         finally:
             self.coordinator.training.to(TrainingState.IDLE)
         return applied
@@ -276,7 +331,9 @@ class Stage3Optimizer(TrainingOptimizer):
     @torch.no_grad()
     def publish_masters(self) -> None:
         """Copy the fp32 masters into the shards and refresh the persistent groups."""
-        if self._publish_dst:
+        if self.param_offload is not None:
+            self.param_offload.publish(self._publish_params, self._publish_src)
+        elif self._publish_dst:
             torch._foreach_copy_(self._publish_dst, self._publish_src)
         self._refresh_persistent()
 
@@ -326,7 +383,7 @@ class Stage3Optimizer(TrainingOptimizer):
         for index, params in enumerate(self.group_params):
             for param in params:
                 _, offset, _ = self._slots[id(param)]
-                begin, end = shard_range(param.ds_numel, self.rank, self.world_size)
+                begin, end = shard_range(param.ds_numel, param.ds_rank, param.ds_world_size)
                 if end > begin:
                     out.append(OwnedFragment(self.param_names[param], tuple(param.ds_shape), begin, end - begin,
                                              self._masters[index], offset, index))
@@ -355,6 +412,8 @@ class Stage3Optimizer(TrainingOptimizer):
         self.publish_masters()
 
     def destroy(self) -> None:
+        if self.param_offload is not None:
+            self.param_offload.close()
         remove_module_hooks(self._module, self._module_hooks)
         for handle in self._handles:
             handle.remove()
@@ -376,5 +435,5 @@ def stage3_optimizer_kwargs(config) -> dict:
     return dict(prefetch_numel=int(zero.prefetch_bucket_size), max_live_numel=int(zero.max_live_parameters),
                 max_reuse_distance=int(zero.max_reuse_distance),
                 persistence_threshold=int(zero.param_persistence_threshold),
-                debug=bool(getattr(zero, "debug_sequence_check", False)),
+                debug=bool(getattr(zero, "debug_sequence_check", False)), param_offload=param_offload_settings(config),
                 allow_untested_optimizer=bool(getattr(config, "zero_allow_untested_optimizer", False)))

@@ -97,6 +97,7 @@ class ParamGroup:
         self._reduce_output: Optional[ReleasableBuffer] = None
         self._reduce_owner = None  # the ``flat`` of the reduce using the two buffers above
         self.held_for_backward = False  # stays gathered until the backward ends (see hooks.py)
+        self.shard_source = None  # parameter offload keeps the shard elsewhere (runtime/offload/param_offload.py)
         modules, shown = _short_list(module_names), _short_list(names)
         self.gather_info = CollectiveInfo("all_gather", index, modules, shown, self.shard_numel)
         self.reduce_info = CollectiveInfo("reduce_scatter", index, modules, shown, self.shard_numel * self.world_size)
@@ -122,6 +123,8 @@ class ParamGroup:
     def start_gather(self) -> None:
         """Issue the all-gather (asynchronous); :meth:`finish_gather` makes parameters usable."""
         self.state.to(ShardState.GATHERING)
+        if self.shard_source is not None:
+            self.shard_source.before_gather(self)
         for param in self.params:
             param.ds_status = ZeroParamStatus.INFLIGHT
         if self.world_size == 1:
@@ -155,6 +158,8 @@ class ParamGroup:
         self._work = None
         self._materialize()
         self.state.to(ShardState.GATHERED)
+        if self.shard_source is not None:
+            self.shard_source.after_gather(self)
 
     def _materialize(self) -> None:
         world = self.world_size
@@ -186,6 +191,8 @@ class ParamGroup:
             param.ds_status = ZeroParamStatus.NOT_AVAILABLE
         if self._full is not None:
             self._full.release()  # see the module Note: autograd's saved views stay valid
+        if self.shard_source is not None:
+            self.shard_source.after_release(self)
 
     @property
     def is_sharded(self) -> bool:

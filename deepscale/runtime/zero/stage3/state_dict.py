@@ -16,7 +16,7 @@ import torch
 
 from deepscale.runtime.zero.stage3.param_group import ParamGroup
 from deepscale.runtime.zero.stage3.states import ZeroParamStatus
-from deepscale.runtime.zero.stage3.zero_param import is_zero_param, shard_range
+from deepscale.runtime.zero.stage3.zero_param import is_zero_param, shard_access, shard_range
 
 
 def _partitioned_keys(model: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
@@ -92,7 +92,7 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
             continue  # let the module report the size mismatch
         begin, end = shard_range(param.ds_numel, param.ds_rank, param.ds_world_size)
         flat = value.reshape(-1)
-        with torch.no_grad():
+        with torch.no_grad(), shard_access(param, write=True):
             param.ds_tensor[:end - begin].copy_(flat[begin:end])
             master = getattr(param, "_ds_master_view", None)
             if master is not None:

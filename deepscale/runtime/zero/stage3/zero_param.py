@@ -16,6 +16,7 @@ The functions here gather and re-partition single parameters (``GatheredParamete
 ``zero.Init``); the training hot path gathers whole groups at once (``param_group.py``).
 """
 import itertools
+from contextlib import nullcontext
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -85,6 +86,16 @@ def partition_param(param: torch.nn.Parameter, group, world_size: int, rank: int
     param.data = empty_like_param(shard.dtype, shard.device)
 
 
+def shard_access(param, write: bool = False):
+    """A context in which ``param.ds_tensor`` holds the shard's values, also when parameter
+    offload keeps it elsewhere (``zero_optimization.offload_param``); with ``write``, what is
+    written to ``ds_tensor`` inside is stored back on exit. Every rank of the group must enter
+    it together when parameters are offloaded (write errors are agreed)."""
+    group = getattr(param, "_ds_group", None)
+    source = getattr(group, "shard_source", None)
+    return source.resident(group, write) if source is not None else nullcontext()
+
+
 def _src_rank(group, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank) if group is not None else group_rank
 
@@ -100,12 +111,13 @@ def gather_param(param: torch.nn.Parameter) -> bool:
         group_obj.finish_gather()
         return False
     world = param.ds_world_size
-    if world == 1:
-        full = param.ds_tensor.clone()
-    else:
-        full = torch.empty(world * param.ds_tensor.numel(), dtype=param.ds_tensor.dtype,
-                           device=param.ds_tensor.device)
-        dist.all_gather_into_tensor(full, param.ds_tensor.contiguous(), group=param.ds_process_group)
+    with shard_access(param):
+        if world == 1:
+            full = param.ds_tensor.clone()
+        else:
+            full = torch.empty(world * param.ds_tensor.numel(), dtype=param.ds_tensor.dtype,
+                               device=param.ds_tensor.device)
+            dist.all_gather_into_tensor(full, param.ds_tensor.contiguous(), group=param.ds_process_group)
     param.data = full[:param.ds_numel].view(param.ds_shape)
     param.ds_status = ZeroParamStatus.AVAILABLE
     return True
@@ -117,11 +129,12 @@ def write_back_shard(param: torch.nn.Parameter) -> None:
     the fp32 master when a stage-3 optimizer manages the parameter."""
     begin, end = shard_range(param.ds_numel, param.ds_rank, param.ds_world_size)
     flat = param.data.reshape(-1)
-    if end > begin:
-        param.ds_tensor[:end - begin].copy_(flat[begin:end])
-        master = getattr(param, "_ds_master_view", None)
-        if master is not None:
-            master[:end - begin].copy_(flat[begin:end])
+    with shard_access(param, write=True):  # entered on every rank, also one with an empty piece
+        if end > begin:
+            param.ds_tensor[:end - begin].copy_(flat[begin:end])
+    master = getattr(param, "_ds_master_view", None)
+    if master is not None and end > begin:
+        master[:end - begin].copy_(flat[begin:end])
 
 
 @torch.no_grad()

@@ -1,0 +1,1 @@
+"""CPU and NVMe offload of ZeRO states (ZeRO-Offload, ZeRO-Infinity)."""

@@ -1,0 +1,1 @@
+"""DeepSpeed's ``deepspeed.sequence`` path: Ulysses sequence parallelism (lives in ``deepscale.parallel.ulysses``)."""
