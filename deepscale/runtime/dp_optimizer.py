@@ -97,7 +97,10 @@ class DataParallelOptimizer(TrainingOptimizer):
     def global_grad_norm(self, grads):
         """Every rank holds the whole averaged dense gradient; expert gradients are summed over
         the expert-parallel group (``runtime/expert_grads.py``)."""
-        return self.reducer.squared_norm().sqrt().float()
+        squares = self.reducer.squared_norm()
+        if self.reduce_norm_squares is not None:  # the other pipeline stages' share
+            squares = self.reduce_norm_squares(squares)
+        return squares.sqrt().float()
 
     def _local_grad_parts(self, params):
         managed = set(self.reducer.params)

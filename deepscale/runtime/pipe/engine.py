@@ -238,7 +238,7 @@ class PipelineEngine(Engine):
     @torch.no_grad()
     def reduce_tied_grads(self) -> None:
         """Sum the gradients of tied parameters over the stages that hold them."""
-        duplicate = torch.zeros((), dtype=torch.float32, device=self.device)
+        duplicate = torch.zeros((), dtype=torch.float64, device=self.device)
         for key in sorted(self.grid.tied_groups):
             group = self.grid.tied_groups[key]
             if group is None:
@@ -252,16 +252,15 @@ class PipelineEngine(Engine):
                 dist.all_reduce(grad, group=group)
                 access.set_full_grad(param, grad)
                 if not owner:
-                    duplicate += grad.float().pow(2).sum()
+                    duplicate += grad.double().pow(2).sum()
         self._tied_duplicate_squares = duplicate
 
     def _reduce_norm_squares(self, squares: torch.Tensor) -> torch.Tensor:
         """Data-parallel squares of this stage -> the whole model's (tied weights once)."""
-        squares = squares.float()
         if self._tied_duplicate_squares is not None:
             # A rank holding a partition of the gradients counts its tied duplicates once per replica
             # group: the data-parallel sum already happened, so subtract the whole duplicate once.
-            squares = squares - self._tied_duplicate_squares.to(squares.device)
+            squares = squares - self._tied_duplicate_squares.to(device=squares.device, dtype=squares.dtype)
         if self.num_stages > 1:
             squares = squares.clone()
             dist.all_reduce(squares, group=self.grid.pp_group)
