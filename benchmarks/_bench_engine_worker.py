@@ -80,7 +80,8 @@ def ds_config(spec, framework: str) -> dict:
     opt = spec["optim"]
     params = {"lr": opt["lr"], "betas": opt["betas"], "eps": opt["eps"],
               "weight_decay": opt["weight_decay"]}
-    if framework in ("deepspeed", "deepscale_torch_adam"):
+    offload = spec.get("offload", "none")
+    if framework in ("deepspeed", "deepscale_torch_adam") and offload == "none":
         params["torch_adam"] = True  # torch.optim.AdamW, as in DDP, instead of a compiled Adam
     cfg = {"train_micro_batch_size_per_gpu": spec["micro_batch"],
            "gradient_accumulation_steps": 1,
@@ -88,6 +89,11 @@ def ds_config(spec, framework: str) -> dict:
            "steps_per_print": 10**9,
            "optimizer": {"type": "AdamW", "params": params},
            "zero_optimization": {"stage": spec["stage"]}}
+    if offload != "none":  # bench_offload.py: both engines step with their compiled CPU Adam
+        section = {"device": offload}
+        if offload == "nvme":
+            section["nvme_path"] = spec["nvme_path"]
+        cfg["zero_optimization"]["offload_optimizer"] = section
     if spec["dtype"] == "bf16":
         cfg["bf16"] = {"enabled": True}
     return cfg

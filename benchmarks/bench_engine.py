@@ -122,15 +122,18 @@ def prebuild_deepspeed_ops() -> None:
     subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=1800)
 
 
-def run_one(args, framework, dtype, stage, out_dir: Path) -> dict:
-    """Launch one run's ranks; return the aggregated row (or a row with 'error'/'skipped')."""
+def run_one(args, framework, dtype, stage, out_dir: Path, python=None, spec_extra=None) -> dict:
+    """Launch one run's ranks; return the aggregated row (or a row with 'error'/'skipped').
+
+    ``python``: the interpreter of the ranks (default this one); ``spec_extra``: more worker settings.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("rank*.json"):  # figures of an earlier run must not pass for this one's
         stale.unlink()
-    spec = make_spec(args, framework, dtype, stage, out_dir)
+    spec = dict(make_spec(args, framework, dtype, stage, out_dir), **(spec_extra or {}))
     env = {"BENCH_SPEC": json.dumps(spec), "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}
     load_before = os.getloadavg()[0]
-    ok, message = common.launch_ranks([sys.executable, str(WORKER)], args.nproc, args.threads,
+    ok, message = common.launch_ranks([python or sys.executable, str(WORKER)], args.nproc, args.threads,
                                       out_dir, args.timeout, env)
     # The 1-minute load average before and after: other work on the machine skews timings.
     row = {"framework": framework, "dtype": dtype, "stage": stage,

@@ -109,12 +109,11 @@ def _at_zero_stage_3(cfg) -> bool:
     return cfg.zero_optimization.stage == 3
 
 
+_ABOVE_ONE_VALUES = (1, 2, 4, 8)
+
 UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("zero_optimization.stage", _zero_stage_unavailable, lambda v: f"ZeRO stage {v}",
                        _use_available_stages, values=(0, 1, 2, 3)),
-    UnavailableFeature("zero_optimization.offload_optimizer.device", _offloaded, "ZeRO-Offload of optimizer states",
-                       "set it to 'none' or remove offload_optimizer", scope="zero_optimization.offload_optimizer",
-                       values=("none", "cpu", "nvme")),
     # Stage 3 reduce-scatters without the pre-division (the averaged gradient is the same), and it
     # tolerates parameters that get no gradient; refusing beats silently doing something else.
     UnavailableFeature("prescale_gradients", _on, "gradient pre-division in the ZeRO stage 3 reduce-scatter",
@@ -133,7 +132,17 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     _off("bf16.bf16_optimizer_states", "bf16 optimizer states (optimizer state kept in bf16, not fp32)"),
     UnavailableFeature("amp.enabled", _on, "NVIDIA Apex AMP", "use fp16 or bf16 instead"),
     UnavailableFeature("torch_autocast.enabled", _on, "torch.autocast mixed precision", "use fp16 or bf16 instead"),
+    UnavailableFeature("pipeline.stages", _above_one, "pipeline parallelism", "use 1 or 'auto'",
+                       values=("auto", 1, 2, 4)),
+    UnavailableFeature("tensor_parallel.autotp_size", _above_one, "automatic tensor parallelism (AutoTP)",
+                       "set it to 0", values=(0, 1, 2, 4)),
+    UnavailableFeature("tensor_parallel.tensor_parallel.tp_size", _above_one, "tensor parallelism", "set it to 1",
+                       label="tensor_parallel.tp.tp_size", scope="tensor_parallel.tensor_parallel",
+                       values=_ABOVE_ONE_VALUES),
+    UnavailableFeature("sequence_parallel_size", _above_one, "sequence parallelism (Ulysses)", "set it to 1",
+                       values=_ABOVE_ONE_VALUES),
     _off("hybrid_engine.enabled", "the hybrid engine"),
+    _off("flops_profiler.enabled", "the flops profiler"),
     *[UnavailableFeature(f"compression_training.{t}.shared_parameters.enabled", _on, f"compression training ({t})",
                          "set it to false", scope="compression_training") for t in COMPRESSION_TECHNIQUES],
     _off("compression_training.layer_reduction.enabled", "compression training (layer_reduction)"),
@@ -164,6 +173,8 @@ class TuningOnlyKeys:
         except_keys: keys of the section that are not covered. Default ``()``.
         zero_stages: the rule holds only at these values of ``zero_optimization.stage``;
             None means at every stage. Default None.
+        unless: predicate on the whole config; where it holds the rule does not (the keys
+            take effect). Default None.
     """
 
     section: str
@@ -171,9 +182,12 @@ class TuningOnlyKeys:
     keys: Tuple[str, ...] = ()
     except_keys: Tuple[str, ...] = ()
     zero_stages: Optional[FrozenSet[int]] = None
+    unless: Optional[Callable[[Any], bool]] = None
 
     def applies(self, cfg) -> bool:
-        """Whether the rule holds for ``cfg`` (its ZeRO stage)."""
+        """Whether the rule holds for ``cfg`` (its ZeRO stage, ``unless``)."""
+        if self.unless is not None and self.unless(cfg):
+            return False
         return self.zero_stages is None or cfg.zero_optimization.stage in self.zero_stages
 
     def covers(self, section: str, key: str) -> bool:
@@ -192,6 +206,12 @@ def _zero_keys(*names: str) -> Tuple[str, ...]:
 
 
 _STAGES_1_TO_3 = frozenset({1, 2, 3})
+
+
+def _nvme_offload(cfg) -> bool:
+    zero = cfg.zero_optimization
+    return any(getattr(getattr(zero, key, None), "device", "none") == "nvme"
+               for key in ("offload_optimizer", "offload_param"))
 
 # What each ZeRO stage above 0 reads from zero_optimization, as the inverse: keys written at a
 # stage that does not use them get one warning each. (Stage 0 uses only ``stage`` and
@@ -216,7 +236,7 @@ ZERO_KEYS_IGNORED = [
                                    "overlap_comm")),
     TuningOnlyKeys("zero_optimization", "this ZeRO option is not implemented in this version",
                    zero_stages=_STAGES_1_TO_3,
-                   keys=_zero_keys("sub_group_size", "round_robin_gradients", "use_multi_rank_bucket_allreduce",
+                   keys=_zero_keys("round_robin_gradients", "use_multi_rank_bucket_allreduce",
                                    "legacy_stage1", "model_persistence_threshold", "module_granularity_threshold",
                                    "use_all_reduce_for_fetch_params", "allgather_sequential", "leaf_module",
                                    "memory_efficient_linear", "pipeline_loading_checkpoint", "override_module_apply",
@@ -231,8 +251,11 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
                    "zero_optimization.stage is 0",
                    except_keys=("stage", "reduce_bucket_size", "watchdog_timeout"), zero_stages=frozenset({0})),
     *ZERO_KEYS_IGNORED,
-    TuningOnlyKeys("aio", "the engine uses it for NVMe offload, which is not built yet (deepscale.ops.aio handles "
-                          "take these keys through AioConfig.from_dict)"),
+    TuningOnlyKeys("aio", "it tunes NVMe offload and no offload device is 'nvme'", unless=_nvme_offload),
+    TuningOnlyKeys("zero_optimization.offload_optimizer", "states are always created at the first step (the fast "
+                   "path), and the CPU optimizer uses the rank's torch threads", keys=("fast_init", "cpuadam_cores_perc")),
+    TuningOnlyKeys("zero_optimization.offload_optimizer", "SuperOffload and optimizer buffer sizes are not "
+                   "implemented in this version", keys=("super_offload", "buffer_size")),
     TuningOnlyKeys("checkpoint", "universal checkpoints (DeepSpeed's included) are detected and loaded "
                    "automatically, so it is not needed", keys=("load_universal",)),
     TuningOnlyKeys("checkpoint", "this checkpoint option is not implemented yet"),
@@ -240,8 +263,8 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     TuningOnlyKeys("pipeline", "PipelineModule's arguments decide it (partition_method, seed_layers, "
                    "activation_checkpoint_interval), as in DeepSpeed",
                    keys=("partition", "seed_layers", "activation_checkpoint_interval", "use_reentrant")),
-    TuningOnlyKeys("pipeline", "activations cross stages whole (they are only partitioned over a tensor-parallel "
-                   "group, which the pipeline engine does not use yet)", keys=("pipe_partitioned", "grad_partitioned")),
+    TuningOnlyKeys("pipeline", "activations and their gradients cross stages whole on every tensor-parallel rank "
+                   "(not partitioned over the tensor-parallel group)", keys=("pipe_partitioned", "grad_partitioned")),
     TuningOnlyKeys("tensor_parallel", "training AutoTP keeps the engine's precision (fp16/bf16 sections) and "
                    "has no kernel injection", except_keys=("autotp_size", "tp", "tensor_parallel")),
     *[TuningOnlyKeys(f"tensor_parallel.{name}", "AutoTP splits heads and features as evenly as the layout allows",
@@ -253,8 +276,8 @@ TUNING_ONLY_KEYS: List[TuningOnlyKeys] = [
     TuningOnlyKeys("", "DeepSpeed only uses it for a tensor-core alignment hint", keys=("vocabulary_size",)),
     TuningOnlyKeys("", "CUDA graph harvesting is not built yet", keys=("graph_harvesting",)),
     TuningOnlyKeys("", "Ulysses all-to-alls run in the activation dtype", keys=("seq_parallel_communication_data_type",)),
-    TuningOnlyKeys("", "it only applies with ZeRO-Offload, which is not built yet",
-                   keys=("zero_force_ds_cpu_optimizer",)),
+    TuningOnlyKeys("", "an offloaded step always uses deepscale's CPU optimizer where one fits (Adam, AdamW, Adagrad, "
+                   "Lion) and the optimizer's own step on the host otherwise", keys=("zero_force_ds_cpu_optimizer",)),
     TuningOnlyKeys("", "state dumps are not implemented yet", keys=("dump_state",)),
     TuningOnlyKeys("", "sparse embedding gradients are all-reduced densely in this version",
                    keys=("sparse_gradients",)),

@@ -42,6 +42,10 @@ class OffloadOptimizerConfig(ConfigSection):
     fast_init: Bool = False
     ratio: Float = Field(1.0, ge=0.0, le=1.0)
     super_offload: Bool = False
+    # deepscale addition (docs/offload.md): the ZeRO-Offload paper's one-step delayed parameter
+    # update; changes numerics, off by default.
+    delayed_param_update: Bool = False
+    delayed_param_update_warmup_steps: Int = Field(0, ge=0)
     cpuadam_cores_perc: Float = Field(0.8, ge=0.0, le=1.0)
 
 

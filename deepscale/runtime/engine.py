@@ -416,6 +416,17 @@ class Engine(EngineCompatMixin, torch.nn.Module):
         if hasattr(self._train_opt, "empty_partition_cache"):
             self._train_opt.empty_partition_cache()
 
+    def offload_states(self, include=None, device="cpu", pin_memory: bool = True, non_blocking: bool = False):
+        """Move optimizer states and fp32 masters off the device (``runtime/offload/state_offload.py``)."""
+        from deepscale.runtime.offload.state_offload import StateOffloader
+        self._state_offloader = getattr(self, "_state_offloader", None) or StateOffloader()
+        return self._state_offloader.offload(self._train_opt, include, device, pin_memory, non_blocking)
+
+    def reload_states(self, non_blocking: bool = False) -> None:
+        """Bring back what :meth:`offload_states` moved."""
+        if getattr(self, "_state_offloader", None) is not None:
+            self._state_offloader.reload(non_blocking)
+
     # --- teardown -------------------------------------------------------------------------
     def destroy(self) -> None:
         """Remove the engine's hooks from the model, free its buffers and close the monitors."""

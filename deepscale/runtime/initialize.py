@@ -56,7 +56,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     from deepscale.runtime.engine import Engine
     from deepscale.runtime.model_parallel_setup import apply_config_autotp, grid_for_config
     raw_config = None
-    if mpu is None:  # tensor/sequence parallel degrees in the config: build their process groups
+    if _is_pipeline_module(model):  # 3D: the module's topology, the config and any mpu must agree
+        from deepscale.runtime.pipe.tp_compose import pipeline_mpu
+        mpu = pipeline_mpu(model, load_config_dict(config=config, config_params=config_params, args=args), mpu)
+    elif mpu is None:  # tensor/sequence parallel degrees in the config: build their process groups
         raw_config = load_config_dict(config=config, config_params=config_params, args=args)
         mpu = grid_for_config(raw_config)
     if mpu is not None:

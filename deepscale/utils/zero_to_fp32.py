@@ -12,6 +12,7 @@ model is never held twice. The file layout is described in
 ``deepscale/runtime/checkpoint/engine_checkpoint.py`` and ``portable.py``.
 """
 import argparse
+import glob
 import os
 import sys
 from typing import Dict, Iterator, Optional
@@ -24,6 +25,10 @@ OPTIM_FILE_FORMAT = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 TP_OPTIM_FILE_FORMAT = "zero_pp_rank_{rank}_mp_rank_{mp:02d}_optim_states.pt"
 LATEST_FILE = "latest"
 CHECKPOINT_FORMAT_VERSION = 2  # of the model-states file deepscale writes
+
+
+# the per-expert weight files of MoE checkpoints (runtime/checkpoint/expert_files.py)
+EXPERT_FILES_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
 
 
 def _load(path: str):
@@ -140,6 +145,12 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: Optional[
     # files of their own and global names (runtime/checkpoint/expert_files.py)
     for name, value in fp32.items():
         result[name] = value.view(shapes[name])
+    # expert weights no optimizer shard holds (frozen experts) come from the per-expert files
+    if not exclude_frozen_parameters:
+        for path in sorted(glob.glob(os.path.join(tag_dir, EXPERT_FILES_GLOB))):
+            for name, value in _load(path).items():
+                if name not in result:
+                    result[name] = (value.float() if value.is_floating_point() else value).clone()
     return result
 
 

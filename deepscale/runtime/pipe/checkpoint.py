@@ -5,16 +5,22 @@ Layout of a tag directory written by the pipeline engine:
                                      the first data-parallel replica of the stage holding it
   ``mp_rank_00_model_states.pt``     rank 0: counters, lr schedule, config, client state and a
                                      ``pipeline`` entry mapping layer index -> state-dict prefix
-  ``zero_pp_rank_{n}_mp_rank_00_optim_states.pt``
+  ``zero_pp_rank_{n}_mp_rank_{t:02d}_optim_states.pt``
                                      the portable optimizer shards of every stage, numbered
-                                     stage by stage; names are global (``3.weight``), tied
-                                     parameters appear only in their first stage's shard
+                                     stage by stage (``t``: the tensor-parallel rank); names are
+                                     global (``3.weight``), tied parameters appear only in their
+                                     first stage's shard
   ``rng_states_rank{R}.pt``          each rank's RNG states
 
 Loading reads the layer files of the local layers and gives the optimizer every shard; each
 rank keeps the fragments of its own parameters. So a checkpoint saved at one pipeline degree
 loads at any other, ``deepscale.utils.zero_to_fp32`` consolidates it, and a plain engine over
 the same layers (e.g. ``nn.Sequential``) loads it too.
+
+Under tensor parallelism (3D) the layer files hold whole weights (gathered over the tensor-parallel
+group), so the checkpoint loads at any tensor-parallel degree, with or without pipelining; the
+optimizer state (slices of the saved layout's shards) is restored at the same tensor-parallel
+degree and started afresh, with a warning, at another.
 """
 import contextlib
 import os
@@ -25,11 +31,12 @@ import torch
 from deepscale import comm as dist
 from deepscale.runtime.checkpoint.engine_checkpoint import EngineState, resolve_checkpoint, save_engine_checkpoint
 from deepscale.runtime.checkpoint.tag_validation import validate_checkpoint_tag
+from deepscale.parallel.state_dict import full_state_dict, shard_state_dict
 from deepscale.runtime.pipe.module import LayerSpec, TiedLayerSpec
 from deepscale.utils.checkpoint_files import load_file
 from deepscale.utils.logging import logger
-from deepscale.utils.zero_to_fp32 import (CHECKPOINT_FORMAT_VERSION, MODEL_STATES_FILE, OPTIM_FILE_FORMAT,
-                                          PIPELINE_LAYER_FILE, iter_optimizer_shards, pipeline_module_weights)
+from deepscale.utils.zero_to_fp32 import (CHECKPOINT_FORMAT_VERSION, MODEL_STATES_FILE, PIPELINE_LAYER_FILE,
+                                          TP_OPTIM_FILE_FORMAT, iter_optimizer_shards, pipeline_module_weights)
 from deepscale.version import __version__
 
 _COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
@@ -57,12 +64,14 @@ def _payloads(engine, client_state, exclude_frozen: bool):
     """This rank's files (built on every rank; may run collectives)."""
     files = {}
     module = engine.module
-    writes_layers = engine.grid.data_parallel_id == 0 and engine.grid.get_model_parallel_rank() == 0
+    tp_size, tp_rank = engine.grid.get_model_parallel_world_size(), engine.grid.get_model_parallel_rank()
     frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
-    if writes_layers:
+    if engine.grid.data_parallel_id == 0:  # every tensor-parallel rank helps gather; rank 0 of them writes
         for index, (prefix, layer) in module.local_layer_modules().items():
-            state = {k: v.detach().clone() for k, v in layer.state_dict().items()
-                     if not (exclude_frozen and prefix + k in frozen)}
+            whole = full_state_dict(layer) if tp_size > 1 else layer.state_dict()
+            if tp_rank != 0:
+                continue
+            state = {k: v.detach().clone() for k, v in whole.items() if not (exclude_frozen and prefix + k in frozen)}
             if state:
                 files[PIPELINE_LAYER_FILE.format(index=index)] = state
     per_stage = _shards_per_stage(engine)
@@ -74,7 +83,7 @@ def _payloads(engine, client_state, exclude_frozen: bool):
                     if name.startswith(f"tied_modules.{key}."):
                         del shard["fragments"][name]
         shard_rank = engine.dp_rank if engine._train_opt.saves_per_rank else 0
-        files[OPTIM_FILE_FORMAT.format(rank=engine.stage_id * per_stage + shard_rank)] = shard
+        files[TP_OPTIM_FILE_FORMAT.format(rank=engine.stage_id * per_stage + shard_rank, mp=tp_rank)] = shard
     if engine.global_rank == 0:
         files[MODEL_STATES_FILE] = {
             "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -89,6 +98,7 @@ def _payloads(engine, client_state, exclude_frozen: bool):
             "counters": {name: getattr(engine, name) for name in _COUNTERS},
             "ds_config": getattr(engine._config, "raw", None),
             "dp_world_size": engine.dp_world_size,
+            "tp_world_size": tp_size,
             "zero_stage": engine._config.zero_stage,
             "client_state": dict(client_state or {}),
         }
@@ -120,7 +130,7 @@ def load(engine, load_dir: str, tag=None, load_module_strict: bool = True, load_
              else saved["module"])
     module = engine.module
     local = module.state_dict()
-    weights = {k: v for k, v in whole.items() if k in local}
+    weights = shard_state_dict(module, {k: v for k, v in whole.items() if k in local})  # whole -> this TP layout
     excluded = set(saved.get("excluded_frozen_param_names", ()))
     missing = [k for k in local if k not in weights and k not in excluded]
     if load_module_strict and missing:
@@ -130,8 +140,14 @@ def load(engine, load_dir: str, tag=None, load_module_strict: bool = True, load_
         module.load_state_dict(weights, strict=False)
     opt = engine._train_opt
     num_shards = int(saved.get("num_optimizer_shards", 0))
+    saved_tp, tp_size = int(saved.get("tp_world_size", 1)), engine.grid.get_model_parallel_world_size()
+    if saved_tp != tp_size and num_shards > 0 and not load_module_only:
+        logger.warning(f"{path} was saved at tensor-parallel size {saved_tp} and is loaded at {tp_size}: module "
+                       "weights are resharded, optimizer state (moments, momentum) starts afresh")
+        num_shards = 0
     if not load_module_only and opt.basic_optimizer is not None and num_shards > 0:
-        opt.load_shards(iter_optimizer_shards(path, num_shards), load_optimizer_states=load_optimizer_states)
+        opt.load_shards(iter_optimizer_shards(path, num_shards, mp_rank=engine.grid.get_model_parallel_rank()),
+                        load_optimizer_states=load_optimizer_states)
     else:
         opt.reseed_masters(module, weights)
     if load_module_only:

@@ -23,6 +23,7 @@ from deepscale.runtime.pipe.grid import PipelineGrid
 from deepscale.runtime.pipe.module import PipelineModule, owner_of
 from deepscale.runtime.pipe.p2p import PipeChannel, flatten, unflatten
 from deepscale.runtime.pipe.schedules import check_schedule_layout, eval_schedule, train_schedule
+from deepscale.runtime.pipe.tp_compose import check_mpu_layout
 
 
 class PipelineError(RuntimeError):
@@ -46,9 +47,8 @@ class PipelineEngine(Engine):
                  training_data=None, collate_fn=None, mpu=None, dp_group=None):
         if not isinstance(model, PipelineModule):
             raise TypeError(f"PipelineEngine needs a PipelineModule, got {type(model).__name__}")
-        if mpu is not None:
-            raise ValueError("deepscale.initialize(mpu=...) with a PipelineModule: the module's topology defines "
-                             "the groups; pass topology= to PipelineModule instead")
+        if mpu is not None:  # a Megatron-style mpu: its layout must be the module's (3D, see tp_compose.py)
+            check_mpu_layout(mpu, model.topology())
         stages = config.pipeline.stages
         if stages != "auto" and int(stages) != model.num_stages:
             raise ValueError(f"pipeline.stages={stages} but the PipelineModule has {model.num_stages} stages; set "
@@ -56,7 +56,7 @@ class PipelineEngine(Engine):
         self.schedule_name = config.pipeline.schedule
         if model.num_stages > 1 or model.num_virtual_stages > 1:
             check_schedule_layout(self.schedule_name, model.num_virtual_stages, model.virtual_placement)
-        self.grid = PipelineGrid(model.topology(), model.tied_stages)
+        self.grid = PipelineGrid(model.topology(), model.tied_stages, mpu=mpu)
         super().__init__(model, config, optimizer=optimizer, model_parameters=model_parameters,
                          lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn, mpu=self.grid)
         self.stage_id, self.num_stages = self.grid.stage_id, self.grid.pipe_parallel_size
@@ -239,6 +239,7 @@ class PipelineEngine(Engine):
     def reduce_tied_grads(self) -> None:
         """Sum the gradients of tied parameters over the stages that hold them."""
         duplicate = torch.zeros((), dtype=torch.float64, device=self.device)
+        tp_size = self.grid.get_model_parallel_world_size()
         for key in sorted(self.grid.tied_groups):
             group = self.grid.tied_groups[key]
             if group is None:
@@ -252,7 +253,12 @@ class PipelineEngine(Engine):
                 dist.all_reduce(grad, group=group)
                 access.set_full_grad(param, grad)
                 if not owner:
-                    duplicate += grad.double().pow(2).sum()
+                    # Counted like the global norm counts it: a tensor-parallel shard once per shard,
+                    # a replicated weight once over the tensor-parallel group (summed below).
+                    share = 1.0 if getattr(param, "tensor_model_parallel", False) else 1.0 / tp_size
+                    duplicate += grad.double().pow(2).sum() * share
+        if tp_size > 1:
+            dist.all_reduce(duplicate, group=self.grid.tp_group)
         self._tied_duplicate_squares = duplicate
 
     def _reduce_norm_squares(self, squares: torch.Tensor) -> torch.Tensor:

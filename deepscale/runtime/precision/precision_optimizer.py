@@ -46,13 +46,16 @@ class PrecisionOptimizer(DeepSpeedOptimizer):
         model_dtype: dtype the model parameters will be stored in (float32, float16, bfloat16).
         loss_scaler: a loss scaler (``loss_scale``, ``update_scale(overflow)``) or None.
         clip_grad: max global gradient norm; 0 disables clipping. Default 0.
+        offload: an object with ``step_grads()`` and ``step()`` that holds the gradients and runs
+            the update instead of ``optimizer.step()`` (ZeRO-Offload, ``runtime/offload``). Default None.
 
     Must be built while the model parameters are still fp32 so masters keep full precision.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, model_dtype: torch.dtype = torch.float32,
-                 loss_scaler=None, clip_grad: float = 0.0):
+                 loss_scaler=None, clip_grad: float = 0.0, offload=None):
         self.optimizer = optimizer
+        self.offload = offload
         self.model_dtype = model_dtype
         self.loss_scaler = loss_scaler
         self.clip_grad = float(clip_grad or 0.0)
@@ -131,7 +134,7 @@ class PrecisionOptimizer(DeepSpeedOptimizer):
             grad_norm: the global norm of the (still loss-scaled) master gradients if the
                 caller already knows it (e.g. over all ranks); computed here otherwise.
         """
-        grads = self._master_grads()
+        grads = self.offload.step_grads() if self.offload is not None else self._master_grads()
         scale = self.loss_scale
         if grad_norm is None:
             grad_norm = self.compute_grad_norm(grads)
@@ -156,7 +159,10 @@ class PrecisionOptimizer(DeepSpeedOptimizer):
             coef *= self.clip_grad / (norm / scale + 1e-6)
         if coef != 1.0 and grads:
             torch._foreach_mul_(grads, coef)
-        self.optimizer.step()
+        if self.offload is not None:
+            self.offload.step()
+        else:
+            self.optimizer.step()
         self.copy_masters_to_model()
         return True
 

@@ -22,7 +22,7 @@ and :meth:`PartitionedGradients.finish_backward`); gradients of any other backwa
 into the staging buffers at the owner's next backward, as autograd would accumulate them. See
 the Note "whose backward it is" in ``runtime/grad_reducer.py``.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -76,12 +76,15 @@ class PartitionedGradients:
             ``world_size / predivide_factor``. Default 1.0.
         param_names: names used in error messages.
         max_inflight: stage 2 only, reduce-scatters allowed in flight at once. Default 2.
+        on_reduced: called with each bucket once its reduced chunk is in ``own_grad``, in bucket
+            order (ZeRO-Offload streams it to the host). Default None.
     """
 
     def __init__(self, buckets: Sequence[ZeroBucket], stage: int, rank: int, world_size: int, group=None,
                  accum_dtype: torch.dtype = torch.float32, comm_dtype: Optional[torch.dtype] = None,
                  overlap_comm: bool = True, reduce_method: str = "reduce_scatter", predivide_factor: float = 1.0,
-                 param_names: Optional[Dict[torch.nn.Parameter, str]] = None, max_inflight: int = 2):
+                 param_names: Optional[Dict[torch.nn.Parameter, str]] = None, max_inflight: int = 2,
+                 on_reduced: Optional[Callable[[ZeroBucket], None]] = None):
         if stage not in (1, 2):
             raise ValueError(f"PartitionedGradients: stage must be 1 or 2, got {stage}")
         if reduce_method not in REDUCE_METHODS:
@@ -93,6 +96,7 @@ class PartitionedGradients:
         self.overlap_comm, self.reduce_method = overlap_comm, reduce_method
         self.predivide_factor = float(predivide_factor)
         self.max_inflight = max(1, int(max_inflight))
+        self._on_reduced = on_reduced
         self._names = param_names or {}
         self._slot: Dict[torch.nn.Parameter, Tuple[ZeroBucket, int]] = {}
         for bucket in self.buckets:
@@ -218,6 +222,8 @@ class PartitionedGradients:
             bucket.own_grad.add_(bucket.result, alpha=scale)
             bucket.staging = None  # stage 2 never keeps a full bucket past its reduction
         bucket.handles, bucket.result = [], None
+        if self._on_reduced is not None:
+            self._on_reduced(bucket)
 
     def abort_backward(self) -> None:
         """The owner's backward raised: disarm the hooks (later backwards' gradients stay in ``param.grad``)."""

@@ -45,17 +45,24 @@ def estimate_zero2_model_states_mem_needs(total_params: int, num_gpus_per_node: 
 
     Returns ``{"device_bytes": ..., "host_bytes_per_node": ...}``. Without offload the device
     holds 2Psi + 14Psi/N; with the optimizer offloaded it keeps only the 16-bit parameters and
-    gradient partition (2Psi + 2Psi/N) and each node's host memory holds the fp32 states of its
-    ranks (12Psi * ranks_per_node / N).
+    gradient partition (2Psi + 2Psi/N) and each node's host memory holds the fp32 masters,
+    states and gradient partition of its ranks (16Psi * ranks_per_node / N). These are the
+    figures of the memory planner (``runtime/offload/planner.py``) for mixed-precision Adam.
     """
+    return planned_model_state_bytes(total_params, 2, num_gpus_per_node, num_nodes, cpu_offload)
+
+
+def planned_model_state_bytes(total_params: int, stage: int, num_gpus_per_node: int, num_nodes: int,
+                              cpu_offload: bool, largest_layer: int = 0) -> Dict[str, float]:
+    """The memory planner (``runtime/offload/planner.py``) with mixed-precision Adam's sizes."""
+    from deepscale.runtime.offload.planner import MIXED_PRECISION_ADAM, plan_memory
+    from deepscale.runtime.offload.settings import OptimizerOffloadSettings
     if num_gpus_per_node < 1 or num_nodes < 1:
         raise ValueError(f"num_gpus_per_node and num_nodes must be positive, got {num_gpus_per_node}, {num_nodes}")
-    n = num_gpus_per_node * num_nodes
-    psi = total_params
-    if cpu_offload:
-        return {"device_bytes": 2 * psi + 2 * psi / n,
-                "host_bytes_per_node": OPTIMIZER_STATE_BYTES_K * psi * num_gpus_per_node / n}
-    return {"device_bytes": zero_model_state_bytes(psi, 2, n), "host_bytes_per_node": 0.0}
+    offload = OptimizerOffloadSettings(device="cpu" if cpu_offload else "none")
+    plan = plan_memory(total_params, stage, num_gpus_per_node * num_nodes, num_gpus_per_node, MIXED_PRECISION_ADAM,
+                       offload, largest_layer)
+    return {"device_bytes": plan.device_bytes, "host_bytes_per_node": plan.host_bytes_per_node}
 
 
 def estimate_zero2_model_states_mem_needs_all_live(model, num_gpus_per_node: int = 1, num_nodes: int = 1

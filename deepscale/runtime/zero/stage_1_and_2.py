@@ -14,6 +14,7 @@ Because a torch optimizer updates each master chunk elementwise, the result equa
 whole parameters only for elementwise optimizers (Adam, AdamW, SGD, Adagrad, Lion, ...);
 others must be allowed with ``zero_allow_untested_optimizer``, as in DeepSpeed.
 """
+from contextlib import nullcontext
 from typing import Dict, List, Optional
 
 import torch
@@ -22,6 +23,8 @@ from deepscale import comm as dist
 from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
 from deepscale.runtime.expert_grads import split_by_expert_group
+from deepscale.runtime.offload import OptimizerOffload, OptimizerOffloadSettings, offload_settings_from_config
+from deepscale.runtime.offload.planner import check_offload_plan, sizes_for
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.collectives import all_gather_flat, pick_methods
@@ -72,6 +75,8 @@ class ZeroOptimizer(TrainingOptimizer):
         overlap_comm, reduce_scatter, allgather_partitions: the DeepSpeed switches.
         ignore_unused_parameters: False raises when a parameter gets no gradient. Default True.
         allow_untested_optimizer: ``zero_allow_untested_optimizer``. Default False.
+        offload_optimizer: where the fp32 masters, gradient chunks and states live
+            (``runtime/offload``); None or device "none" keeps them with the model. Default None.
     """
 
     def __init__(self, module: torch.nn.Module, basic_optimizer, stage: int, model_dtype: torch.dtype,
@@ -80,7 +85,7 @@ class ZeroOptimizer(TrainingOptimizer):
                  accum_dtype: torch.dtype = torch.float32, comm_dtype: Optional[torch.dtype] = None,
                  predivide_factor: float = 1.0, overlap_comm: bool = True, reduce_scatter: bool = True,
                  allgather_partitions: bool = True, ignore_unused_parameters: bool = True,
-                 allow_untested_optimizer: bool = False):
+                 allow_untested_optimizer: bool = False, offload_optimizer: Optional[OptimizerOffloadSettings] = None):
         if stage not in (1, 2):
             raise ValueError(f"zero_optimization.stage must be 1 or 2 for ZeroOptimizer, got {stage}")
         if basic_optimizer is None:
@@ -115,6 +120,10 @@ class ZeroOptimizer(TrainingOptimizer):
         self.precision: Optional[PrecisionOptimizer] = None
         self.grads: Optional[PartitionedGradients] = None
         self.model_buffers: List[torch.Tensor] = []
+        self._offload_settings = offload_optimizer if offload_optimizer is not None and offload_optimizer.enabled \
+            else None
+        self.offload: Optional[OptimizerOffload] = None
+        self._sync = True
 
     # --- construction ---------------------------------------------------------------------
     def _plan(self, module: torch.nn.Module, bucket_numel: int) -> List[ZeroBucket]:
@@ -163,6 +172,10 @@ class ZeroOptimizer(TrainingOptimizer):
 
         Call once the model has its final dtype and device.
         """
+        if self._offload_settings is not None:  # before anything is allocated
+            check_offload_plan(self._offload_settings, sum(sum(b.plan.numels) for b in self.buckets), self.stage,
+                               self.world_size, sizes_for(self.model_dtype, self.basic, self._grad_args["accum_dtype"]),
+                               group=self.group)
         for index, bucket in enumerate(self.buckets):
             plan = bucket.plan
             flat = torch.zeros(plan.padded, dtype=bucket.params[0].dtype, device=bucket.params[0].device)
@@ -172,13 +185,20 @@ class ZeroOptimizer(TrainingOptimizer):
             self.model_buffers.append(flat)
             if self._masters[index] is None:  # fp32 model: the master is the model's own chunk
                 self._masters[index] = torch.nn.Parameter(self._own_chunk(bucket, flat))
+        on_reduced = self._stream_grad_to_host if self._offload_settings is not None else None
+        self.grads = PartitionedGradients(self.buckets, self.stage, self.rank, self.world_size, self.group,
+                                          param_names=self.param_names, on_reduced=on_reduced, **self._grad_args)
+        if self._offload_settings is not None:
+            self.offload = OptimizerOffload(self._offload_settings, self.basic, self._masters,
+                                            [b.plan.group_index for b in self.buckets], self._publish_range,
+                                            rank=dist.get_rank() if dist.is_initialized() else 0, group=self.group,
+                                            grad_buffers=self.grads.own_grads())
+            self._masters = list(self.offload.masters)
         for group_index, group in enumerate(self.basic.param_groups):
             group["params"] = [self._masters[i] for i, b in enumerate(self.buckets)
                                if b.plan.group_index == group_index]
         self.precision = PrecisionOptimizer(self.basic, model_dtype=torch.float32, loss_scaler=self._loss_scaler,
-                                            clip_grad=self._clip_grad)
-        self.grads = PartitionedGradients(self.buckets, self.stage, self.rank, self.world_size, self.group,
-                                          param_names=self.param_names, **self._grad_args)
+                                            clip_grad=self._clip_grad, offload=self.offload)
         access = FullTensorAccess(self)
         for bucket in self.buckets:
             for param in bucket.params:
@@ -188,9 +208,26 @@ class ZeroOptimizer(TrainingOptimizer):
         chunk = bucket.plan.chunk
         return flat[bucket.rank * chunk:(bucket.rank + 1) * chunk]
 
+    @torch.no_grad()
+    def _publish_range(self, index: int, start: int, values: torch.Tensor) -> None:
+        """Offload: copy updated master values of bucket ``index`` into the rank's chunk of the model."""
+        own = self._own_chunk(self.buckets[index], self.model_buffers[index])[start:start + values.numel()]
+        if own.data_ptr() != values.data_ptr():  # on a CPU accelerator an fp32 master is the chunk itself
+            own.copy_(values)
+
     # --- backward -------------------------------------------------------------------------
     def prepare_backward(self, sync: bool) -> None:
+        self._sync = sync
         self.grads.begin_backward(reducing=sync or self.stage == 2)
+
+    @torch.no_grad()
+    def _stream_grad_to_host(self, bucket: ZeroBucket) -> None:
+        # Offload: a bucket's reduced chunk goes to the host as soon as it is final (stage 2
+        # reduces every micro-step; only the boundary's result is final), in bucket order,
+        # while backward still runs. non_blocking: the host step synchronizes first.
+        host = self.offload.grads[bucket.index]
+        if self._sync and host.data_ptr() != bucket.own_grad.data_ptr():
+            host.copy_(bucket.own_grad, non_blocking=True)
 
     def abort_backward(self) -> None:
         self.grads.abort_backward()
@@ -209,6 +246,8 @@ class ZeroOptimizer(TrainingOptimizer):
 
     # --- step -----------------------------------------------------------------------------
     def _attach_step_grads(self) -> List[torch.Tensor]:
+        if self.offload is not None:
+            return self.offload.step_grads()
         grads = self.grads.own_grads()
         for master, grad in zip(self._masters, grads):
             master.grad = grad if grad.dtype == torch.float32 else grad.float()
@@ -227,7 +266,14 @@ class ZeroOptimizer(TrainingOptimizer):
         return parts
 
     def _publish_masters(self) -> None:
+        if self.offload is not None:
+            self.offload.publish()
         self.all_gather_params()
+
+    def _finish_delayed_update(self) -> None:
+        """Offload with DPU: bring a delayed update in flight into the model (checkpoints, destroy)."""
+        if self.offload is not None and self.offload.finish():
+            self.all_gather_params()
 
     @torch.no_grad()
     def all_gather_params(self) -> None:
@@ -235,7 +281,7 @@ class ZeroOptimizer(TrainingOptimizer):
         handles, inflight = [], 0
         for bucket, master, flat in zip(self.buckets, self._masters, self.model_buffers):
             own = self._own_chunk(bucket, flat)
-            if own.data_ptr() != master.data_ptr():
+            if self.offload is None and own.data_ptr() != master.data_ptr():
                 own.copy_(master)
             if bucket.world_size == 1:
                 continue
@@ -283,10 +329,22 @@ class ZeroOptimizer(TrainingOptimizer):
                                              frag.numel, master, frag.chunk_offset, bucket.plan.group_index))
         return out
 
+    def _resident(self, writeback: bool):
+        """Offload to NVMe: masters and states in host memory while active (see ``OptimizerOffload.resident``)."""
+        self._finish_delayed_update()
+        return self.offload.resident(writeback) if self.offload is not None else nullcontext()
+
+    def _publish_all_masters(self) -> None:
+        if self.offload is not None:
+            for index, master in enumerate(self._masters):
+                self._publish_range(index, 0, master.detach())
+        self.all_gather_params()
+
     def state_dict(self) -> dict:
         """This rank's portable shard (see ``runtime/checkpoint/portable.py``)."""
         names = [[self.param_names.get(p, "") for p in params] for params in self.group_params]
-        return export_shard(self.basic, self.owned_fragments(), names, self._loss_scaler, self.stage)
+        with self._resident(writeback=False):
+            return export_shard(self.basic, self.owned_fragments(), names, self._loss_scaler, self.stage)
 
     def load_state_dict(self, state: dict, load_optimizer_states: bool = True) -> None:
         """Load from one shard dict (e.g. one saved at world size 1, or by stage 0)."""
@@ -294,18 +352,25 @@ class ZeroOptimizer(TrainingOptimizer):
 
     def load_shards(self, shards, load_optimizer_states: bool = True) -> None:
         """Load this rank's fragments from every shard of a checkpoint, then refresh the model."""
-        import_shards(shards, self.basic, self.owned_fragments(), self._loss_scaler, load_optimizer_states)
-        self.all_gather_params()
+        with self._resident(writeback=True):
+            import_shards(shards, self.basic, self.owned_fragments(), self._loss_scaler, load_optimizer_states)
+            self._publish_all_masters()
 
     @torch.no_grad()
     def reseed_masters(self, module: torch.nn.Module, module_state: dict) -> None:
         """Set the fp32 master chunks from saved (whole) weights, e.g. after ``load_module_only``."""
-        for frag in self.owned_fragments():
-            if frag.name in module_state:
-                flat = module_state[frag.name].reshape(-1)[frag.start:frag.start + frag.numel]
-                frag.master_view().copy_(flat.float())
+        with self._resident(writeback=True):
+            for frag in self.owned_fragments():
+                if frag.name in module_state:
+                    flat = module_state[frag.name].reshape(-1)[frag.start:frag.start + frag.numel]
+                    frag.master_view().copy_(flat.float())
+            if self.offload is not None:
+                self._publish_all_masters()
 
     def destroy(self) -> None:
+        if self.offload is not None:
+            self._finish_delayed_update()
+            self.offload.close()
         if self.grads is not None:
             self.grads.remove_hooks()
             self.grads.storage = torch.empty(0)
@@ -321,4 +386,5 @@ def zero_optimizer_kwargs(config) -> dict:
     return dict(allgather_bucket_numel=int(zero.allgather_bucket_size), overlap_comm=bool(zero.overlap_comm),
                 reduce_scatter=bool(zero.reduce_scatter), allgather_partitions=bool(zero.allgather_partitions),
                 ignore_unused_parameters=bool(zero.ignore_unused_parameters),
-                allow_untested_optimizer=bool(getattr(config, "zero_allow_untested_optimizer", False)))
+                allow_untested_optimizer=bool(getattr(config, "zero_allow_untested_optimizer", False)),
+                offload_optimizer=offload_settings_from_config(config))

@@ -85,3 +85,16 @@ def test_save_16bit_model_at_ep2_holds_every_expert(tmp_path, stage):
     for rank, want in enumerate(losses):
         with torch.no_grad():
             assert float(model(*batch(1, rank))) == pytest.approx(want, rel=1e-6)
+
+
+def test_zero_to_fp32_takes_frozen_experts_from_their_files(tmp_path):
+    from deepscale.utils.zero_to_fp32 import MODEL_STATES_FILE, get_fp32_state_dict_from_zero_checkpoint
+    torch.save({"format_version": 2, "module": {"inp.weight": torch.ones(2)}, "num_optimizer_shards": 0},
+               tmp_path / MODEL_STATES_FILE)
+    torch.save({"moe.deepspeed_moe.experts.deepspeed_experts.3.weight": torch.full((2, 2), 3.0, dtype=torch.bfloat16)},
+               tmp_path / "layer_0_expert_3_mp_rank_00_model_states.pt")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path))
+    assert list(state) == ["inp.weight", "moe.deepspeed_moe.experts.deepspeed_experts.3.weight"]
+    assert state["moe.deepspeed_moe.experts.deepspeed_experts.3.weight"].dtype == torch.float32
+    assert "moe.deepspeed_moe.experts.deepspeed_experts.3.weight" not in get_fp32_state_dict_from_zero_checkpoint(
+        str(tmp_path), exclude_frozen_parameters=True)

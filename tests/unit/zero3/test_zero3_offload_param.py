@@ -245,3 +245,34 @@ def test_writers_of_shards_store_them_back_with_params_on_nvme(tmp_path):
         assert torch.equal(got["blocks.1.out.weight"], torch.full_like(got["blocks.1.out.weight"], -0.5))
         assert torch.equal(got["blocks.0.attn.qkv.weight"], qkv)
         assert all(torch.isfinite(torch.tensor(losses)))
+
+
+# --- with the optimizer offloaded too (runs where offload_optimizer is built) ---------------------
+def _optimizer_offload_built() -> bool:
+    from deepscale.config.features import UNAVAILABLE_FEATURES
+    return not any(rule.key == "zero_optimization.offload_optimizer.device" for rule in UNAVAILABLE_FEATURES)
+
+
+def _both(world, nvme_path, optimizer_device, param_device):
+    out = []
+    for offload in (False, True):
+        zero = dict(STAGE3_SMALL)
+        if offload:
+            zero["offload_optimizer"] = {"device": optimizer_device, "nvme_path": os.path.join(nvme_path, "opt")}
+            zero["offload_param"] = offload_section(param_device, os.path.join(nvme_path, "param"))
+        engine = build_gpt_engine(3, world, gas=GAS, clip=CLIP, **zero)
+        losses = train_gpt(engine, world, range(NUM_STEPS), gas=GAS)
+        out.append((losses, full_params(engine)))
+        engine.destroy()
+    return out
+
+
+@pytest.mark.skipif(not _optimizer_offload_built(), reason="offload_optimizer is not built in this tree")
+@pytest.mark.parametrize("optimizer_device, param_device", [("cpu", "nvme"), ("nvme", "nvme"), ("nvme", "cpu")])
+def test_optimizer_and_params_offloaded_together_match_no_offload(optimizer_device, param_device, tmp_path):
+    for (losses0, params0), (losses1, params1) in run_distributed(
+            _both, 2, args=(2, str(tmp_path), optimizer_device, param_device)):
+        torch.testing.assert_close(torch.tensor(losses1), torch.tensor(losses0), rtol=1e-6, atol=0)
+        for name, want in params0.items():
+            rel = ((params1[name] - want).norm() / want.norm().clamp_min(1e-30)).item()
+            assert rel <= 1e-6, f"{name}: relative difference {rel:.2e}"

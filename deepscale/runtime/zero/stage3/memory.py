@@ -8,7 +8,7 @@ from typing import Dict, List
 
 import torch
 
-from deepscale.runtime.zero.memory import OPTIMIZER_STATE_BYTES_K, zero_model_state_bytes
+from deepscale.runtime.zero.memory import planned_model_state_bytes
 
 
 def _largest_layer(model) -> int:
@@ -22,17 +22,11 @@ def estimate_zero3_model_states_mem_needs(total_params: int, largest_layer_param
     """Per-device and per-node bytes of the model states of ZeRO stage 3.
 
     Returns ``{"device_bytes": ..., "host_bytes_per_node": ...}``. With the optimizer offloaded
-    the device keeps the 16-bit parameter and gradient partitions (4 Psi / N) and each node's
-    host the fp32 states of its ranks.
+    the device keeps the 16-bit parameter partition (2 Psi / N; the gradient partition
+    accumulates on the host) and each node's host the fp32 masters, states and gradient
+    partition of its ranks (the memory planner's figures, ``runtime/offload/planner.py``).
     """
-    if num_gpus_per_node < 1 or num_nodes < 1:
-        raise ValueError(f"num_gpus_per_node and num_nodes must be positive, got {num_gpus_per_node}, {num_nodes}")
-    n = num_gpus_per_node * num_nodes
-    live = 4 * largest_layer_params
-    if cpu_offload:
-        return {"device_bytes": 4 * total_params / n + live,
-                "host_bytes_per_node": OPTIMIZER_STATE_BYTES_K * total_params * num_gpus_per_node / n}
-    return {"device_bytes": zero_model_state_bytes(total_params, 3, n) + live, "host_bytes_per_node": 0.0}
+    return planned_model_state_bytes(total_params, 3, num_gpus_per_node, num_nodes, cpu_offload, largest_layer_params)
 
 
 def estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node: int = 1, num_nodes: int = 1

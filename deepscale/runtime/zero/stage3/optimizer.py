@@ -21,7 +21,9 @@ from deepscale import comm as dist
 from deepscale.comm.expert_groups import expert_groups_of_param
 from deepscale.runtime.checkpoint.expert_files import checkpoint_param_names
 from deepscale.runtime.checkpoint.portable import OwnedFragment, export_shard, import_shards
+from deepscale.runtime.offload import OptimizerOffload, OptimizerOffloadSettings, offload_settings_from_config
 from deepscale.runtime.offload.param_offload import ParamOffload, param_offload_settings
+from deepscale.runtime.offload.planner import check_offload_plan, sizes_for
 from deepscale.runtime.precision.precision_optimizer import PrecisionOptimizer
 from deepscale.runtime.training_optimizer import TrainingOptimizer
 from deepscale.runtime.zero.stage3.collectives import CollectiveRunner, twin_group
@@ -66,6 +68,8 @@ class Stage3Optimizer(TrainingOptimizer):
             parameters used outside the modules that gather them (also ``DEEPSCALE_ZERO3_DEBUG=1``);
             all-gathers and phase ends are always checked. Default False.
         allow_untested_optimizer: ``zero_allow_untested_optimizer``. Default False.
+        offload_optimizer: where the fp32 masters, gradient partition and states live
+            (``runtime/offload``); None or device "none" keeps them with the shards. Default None.
         **unused: other training-optimizer arguments (``predivide_factor``) accepted for the
             shared constructor signature.
     """
@@ -76,8 +80,8 @@ class Stage3Optimizer(TrainingOptimizer):
                  comm_dtype: Optional[torch.dtype] = None,
                  prefetch_numel: int = 50_000_000, max_live_numel: int = 1_000_000_000,
                  max_reuse_distance: int = 1_000_000_000, persistence_threshold: int = 100_000,
-                 debug: bool = False, allow_untested_optimizer: bool = False, param_offload=None,
-                 **unused):
+                 debug: bool = False, allow_untested_optimizer: bool = False,
+                 offload_optimizer: Optional[OptimizerOffloadSettings] = None, param_offload=None, **unused):
         if basic_optimizer is None:
             raise ValueError("zero_optimization.stage=3 partitions optimizer state, so it needs an optimizer: add an "
                              "'optimizer' section to the config or pass optimizer= to initialize()")
@@ -87,6 +91,10 @@ class Stage3Optimizer(TrainingOptimizer):
         self.rank = dist.get_rank(group) if world_size > 1 else 0
         self._loss_scaler, self._clip_grad = loss_scaler, clip_grad
         self._module = module
+        self._offload_settings = offload_optimizer if offload_optimizer is not None and offload_optimizer.enabled \
+            else None
+        self.offload: Optional[OptimizerOffload] = None
+        self._accum_dtype = accum_dtype
         # expert parameters under their global expert names (checkpoint/expert_files.py)
         self.param_names: Dict[torch.nn.Parameter, str] = checkpoint_param_names(module)
         self.debug = bool(debug) or debug_enabled_from_env()
@@ -169,39 +177,74 @@ class Stage3Optimizer(TrainingOptimizer):
         return groups.edp_group, groups.edp_size, groups.edp_rank
 
     def _build_masters(self, fp32_shards: Dict[int, torch.Tensor]) -> None:
-        self._masters: List[Optional[torch.Tensor]] = []
-        self._master_grads: List[Optional[torch.Tensor]] = []
-        self._slots: Dict[int, tuple] = {}  # id(param) -> (param group index, offset, length)
+        self._masters: List[torch.Tensor] = []
+        self._master_grads: List[torch.Tensor] = []
+        self._slab_group: List[int] = []  # optimizer param group of each master
+        self._slots: Dict[int, tuple] = {}  # id(param) -> (master index, offset, length)
         # Masters follow the parameter-group layout, so a group's pieces are one range of a
-        # master and an fp32 model's shards can live in the master (_share_fp32_shards).
+        # master and an fp32 model's shards can live in the master (_share_fp32_shards). With
+        # offload, a param group's pieces are cut into masters ("slabs") of at most
+        # sub_group_size elements (whole pieces), the unit the offloaded step swaps.
         position = {id(p): (g.index, i) for g in self.groups for i, p in enumerate(g.params)}
+        limit = self._offload_settings.sub_group_size if self._offload_settings is not None else None
         for index, params in enumerate(self.group_params):
-            if not params:
-                self._masters.append(None)
-                self._master_grads.append(None)
-                continue
             params = sorted(params, key=lambda p: position.get(id(p), (len(self.groups), 0)))
-            master = torch.nn.Parameter(torch.cat([fp32_shards[id(p)] for p in params]))
-            self._masters.append(master)
-            self._master_grads.append(torch.zeros_like(master.detach()))
-            offset = 0
+            for slab in _cut_slabs(params, limit):
+                master = torch.nn.Parameter(torch.cat([fp32_shards[id(p)] for p in slab]))
+                slab_index, offset = len(self._masters), 0
+                self._masters.append(master)
+                self._slab_group.append(index)
+                for param in slab:
+                    length = param.ds_tensor.numel()
+                    self._slots[id(param)] = (slab_index, offset, length)
+                    offset += length
+        if self._offload_settings is not None:
+            largest = max((sum(p.ds_numel for p in m.parameters(recurse=False) if is_zero_param(p))
+                           for m in self._module.modules()), default=0)
+            check_offload_plan(self._offload_settings, sum(p.ds_numel for ps in self.group_params for p in ps), 3,
+                               self.world_size, sizes_for(self.model_dtype, self.basic, self._accum_dtype),
+                               group=self.group, largest_layer=largest)
+            self.offload = OptimizerOffload(self._offload_settings, self.basic, self._masters, self._slab_group,
+                                            self._publish_range, rank=dist.get_rank() if dist.is_initialized() else 0,
+                                            group=self.group)
+            self._masters, self._master_grads = list(self.offload.masters), list(self.offload.grads)
+        else:
+            self._master_grads = [torch.zeros_like(m.detach()) for m in self._masters]
+        for params in self.group_params:
             for param in params:
-                length = param.ds_tensor.numel()
-                self._slots[id(param)] = (index, offset, length)
-                param._ds_master_view = master.detach()[offset:offset + length]
-                offset += length
-        if self.model_dtype == torch.float32 and self.param_offload is None:
+                slab, offset, length = self._slots[id(param)]
+                if self._masters[slab].numel():  # an NVMe master is an empty shell between steps
+                    param._ds_master_view = self._masters[slab].detach()[offset:offset + length]
+        if self.model_dtype == torch.float32 and self.param_offload is None and (
+                self.offload is None or (self.offload.shares_host and self.offload.nvme is None)):
             self._share_fp32_shards()
         managed = [p for params in self.group_params for p in params
-                   if p.ds_tensor.data_ptr() != p._ds_master_view.data_ptr()]
+                   if self.offload is None and p.ds_tensor.data_ptr() != p._ds_master_view.data_ptr()]
         self._publish_params = managed
         self._publish_dst = [p.ds_tensor for p in managed]
         self._publish_src = [p._ds_master_view for p in managed]
+        self._slab_params: List[List[torch.nn.Parameter]] = [[] for _ in self._masters]
+        for params in self.group_params:
+            for param in params:
+                self._slab_params[self._slots[id(param)][0]].append(param)
         self._accumulate_plan = {}
         for g in self.groups:
             plan = [(self._master_grads[self._slots[id(p)][0]][self._slots[id(p)][1]:][:c], off, c)
                     for p, off, c in zip(g.params, g.offsets, g.chunks) if id(p) in self._slots]
             self._accumulate_plan[g.index] = plan
+
+    @torch.no_grad()
+    def _publish_range(self, slab: int, start: int, values: torch.Tensor) -> None:
+        """Offload: copy updated master values ``[start, start + len)`` of ``slab`` into the shards."""
+        end = start + values.numel()
+        for param in self._slab_params[slab]:
+            _, offset, length = self._slots[id(param)]
+            begin, stop = max(offset, start), min(offset + length, end)
+            if begin < stop and self.param_offload is not None:
+                self.param_offload.open_for_write(param._ds_group)  # stored by publish_masters
+            dst, src = param.ds_tensor[begin - offset:stop - offset], values[begin - start:stop - start]
+            if begin < stop and dst.data_ptr() != src.data_ptr():  # a shared fp32 shard is the master itself
+                dst.copy_(src)
 
     def _share_fp32_shards(self) -> None:
         """An fp32 model's shards equal its masters: let each group whose pieces are one range of
@@ -218,13 +261,13 @@ class Stage3Optimizer(TrainingOptimizer):
     def attach(self) -> None:
         """Install masters, hooks and state-dict hooks; gather persistent groups. Call after the dtype cast."""
         for index, group in enumerate(self.basic.param_groups):
-            group["params"] = [self._masters[index]] if self._masters[index] is not None else []
+            group["params"] = [m for m, g in zip(self._masters, self._slab_group) if g == index]
         if self.basic.state:
             logger.warning("the optimizer passed to ZeRO-3 already has state; it is dropped (states are rebuilt per "
                            "partition)")
             self.basic.state.clear()
         self.precision = PrecisionOptimizer(self.basic, model_dtype=torch.float32, loss_scaler=self._loss_scaler,
-                                            clip_grad=self._clip_grad)
+                                            clip_grad=self._clip_grad, offload=self.offload)
         self._module_hooks = install_module_hooks(self._module, self.coordinator)
         for g in self.groups:
             for param in self.coordinator.trainable_of[g.index]:
@@ -251,8 +294,9 @@ class Stage3Optimizer(TrainingOptimizer):
         plan = self._accumulate_plan[group.index]
         if not plan:
             return
-        if output.dtype != torch.float32:
-            output = output.float()
+        if output.dtype != torch.float32 or output.device != plan[0][0].device:
+            # offload: the partition accumulates on the host
+            output = output.to(device=plan[0][0].device, dtype=torch.float32)
         torch._foreach_add_([dst for dst, _, _ in plan], [output[off:off + c] for _, off, c in plan],
                             alpha=1.0 / self.world_size)
 
@@ -298,12 +342,11 @@ class Stage3Optimizer(TrainingOptimizer):
 
     # --- step -----------------------------------------------------------------------------
     def _attach_step_grads(self) -> List[torch.Tensor]:
-        grads = []
+        if self.offload is not None:
+            return self.offload.step_grads()
         for master, grad in zip(self._masters, self._master_grads):
-            if master is not None:
-                master.grad = grad
-                grads.append(grad)
-        return grads
+            master.grad = grad
+        return list(self._master_grads)
 
     def _local_grad_parts(self, params) -> List[torch.Tensor]:
         parts = []
@@ -314,6 +357,8 @@ class Stage3Optimizer(TrainingOptimizer):
         return parts
 
     def _publish_masters(self) -> None:
+        if self.offload is not None:
+            self.offload.publish()
         self.publish_masters()
 
     def step(self) -> bool:
@@ -332,15 +377,14 @@ class Stage3Optimizer(TrainingOptimizer):
     def publish_masters(self) -> None:
         """Copy the fp32 masters into the shards and refresh the persistent groups."""
         if self.param_offload is not None:
-            self.param_offload.publish(self._publish_params, self._publish_src)
-        elif self._publish_dst:
+            self.param_offload.publish(self._publish_params, self._publish_src)  # also stores _publish_range's
+        elif self._publish_dst and (self.offload is None or self.offload.nvme is None):
             torch._foreach_copy_(self._publish_dst, self._publish_src)
         self._refresh_persistent()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for grad in self._master_grads:
-            if grad is not None:
-                grad.zero_()
+            grad.zero_()
         if self.precision is not None:
             self.precision.zero_grad()
         self._pending_grads = False
@@ -356,7 +400,7 @@ class Stage3Optimizer(TrainingOptimizer):
 
     @property
     def masters(self) -> List[torch.Tensor]:
-        return [m for m in self._masters if m is not None]
+        return list(self._masters)
 
     def empty_partition_cache(self) -> None:
         """Release every gathered (non-persistent) group."""
@@ -382,36 +426,57 @@ class Stage3Optimizer(TrainingOptimizer):
         out = []
         for index, params in enumerate(self.group_params):
             for param in params:
-                _, offset, _ = self._slots[id(param)]
+                slab, offset, _ = self._slots[id(param)]
                 begin, end = shard_range(param.ds_numel, param.ds_rank, param.ds_world_size)
                 if end > begin:
                     out.append(OwnedFragment(self.param_names[param], tuple(param.ds_shape), begin, end - begin,
-                                             self._masters[index], offset, index))
+                                             self._masters[slab], offset, index))
         return out
+
+    def _resident(self, writeback: bool):
+        """Offload to NVMe: masters and states in host memory while active (``OptimizerOffload.resident``)."""
+        self._finish_delayed_update()
+        return self.offload.resident(writeback) if self.offload is not None else nullcontext()
+
+    def _finish_delayed_update(self) -> None:
+        if self.offload is not None and self.offload.finish():
+            self.publish_masters()
+
+    def _publish_all_masters(self) -> None:
+        if self.offload is not None:
+            for index, master in enumerate(self._masters):
+                self._publish_range(index, 0, master.detach())
+        self.publish_masters()
 
     def state_dict(self) -> dict:
         """This rank's portable shard (``runtime/checkpoint/portable.py``)."""
         names = [[self.param_names[p] for p in params] for params in self.group_params]
-        return export_shard(self.basic, self.owned_fragments(), names, self._loss_scaler, zero_stage=3)
+        with self._resident(writeback=False):
+            return export_shard(self.basic, self.owned_fragments(), names, self._loss_scaler, zero_stage=3)
 
     def load_state_dict(self, state: dict, load_optimizer_states: bool = True) -> None:
         self.load_shards([state], load_optimizer_states=load_optimizer_states)
 
     def load_shards(self, shards, load_optimizer_states: bool = True) -> None:
         """Load this rank's fragments from every shard of a checkpoint (any stage, any world size)."""
-        import_shards(shards, self.basic, self.owned_fragments(), self._loss_scaler, load_optimizer_states)
-        self.publish_masters()
+        with self._resident(writeback=True):
+            import_shards(shards, self.basic, self.owned_fragments(), self._loss_scaler, load_optimizer_states)
+            self._publish_all_masters()
 
     @torch.no_grad()
     def reseed_masters(self, module: torch.nn.Module, module_state: dict) -> None:
         """Set the fp32 masters from whole saved weights (``load_module_only``)."""
-        for frag in self.owned_fragments():
-            if frag.name in module_state:
-                flat = module_state[frag.name].reshape(-1)[frag.start:frag.start + frag.numel]
-                frag.master_view().copy_(flat.float())
-        self.publish_masters()
+        with self._resident(writeback=True):
+            for frag in self.owned_fragments():
+                if frag.name in module_state:
+                    flat = module_state[frag.name].reshape(-1)[frag.start:frag.start + frag.numel]
+                    frag.master_view().copy_(flat.float())
+            self._publish_all_masters()
 
     def destroy(self) -> None:
+        if self.offload is not None:
+            self._finish_delayed_update()
+            self.offload.close()
         if self.param_offload is not None:
             self.param_offload.close()
         remove_module_hooks(self._module, self._module_hooks)
@@ -422,6 +487,23 @@ class Stage3Optimizer(TrainingOptimizer):
             for param in params:
                 if hasattr(param, "_deepscale_full_access"):
                     del param._deepscale_full_access
+
+
+def _cut_slabs(params: List[torch.nn.Parameter], limit: Optional[int]) -> List[List[torch.nn.Parameter]]:
+    """Consecutive runs of ``params`` whose pieces total at most ``limit`` elements (one run without a limit)."""
+    if not params:
+        return []
+    if limit is None:
+        return [params]
+    out, total = [[]], 0
+    for param in params:
+        numel = param.ds_tensor.numel()
+        if out[-1] and total + numel > limit:
+            out.append([])
+            total = 0
+        out[-1].append(param)
+        total += numel
+    return out
 
 
 def _drop_grad(param: torch.nn.Parameter) -> None:
@@ -436,4 +518,5 @@ def stage3_optimizer_kwargs(config) -> dict:
                 max_reuse_distance=int(zero.max_reuse_distance),
                 persistence_threshold=int(zero.param_persistence_threshold),
                 debug=bool(getattr(zero, "debug_sequence_check", False)), param_offload=param_offload_settings(config),
-                allow_untested_optimizer=bool(getattr(config, "zero_allow_untested_optimizer", False)))
+                allow_untested_optimizer=bool(getattr(config, "zero_allow_untested_optimizer", False)),
+                offload_optimizer=offload_settings_from_config(config))
