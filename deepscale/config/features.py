@@ -78,14 +78,6 @@ def _is_set(value) -> bool:
     return value is not None
 
 
-def _above_one(value) -> bool:
-    return isinstance(value, int) and value > 1
-
-
-def _offloaded(value) -> bool:
-    return value is not None and value != "none"
-
-
 def _off(key: str, feature: str) -> UnavailableFeature:
     return UnavailableFeature(key, _on, feature, f"set {key} to false")
 
@@ -109,8 +101,6 @@ def _at_zero_stage_3(cfg) -> bool:
     return cfg.zero_optimization.stage == 3
 
 
-_ABOVE_ONE_VALUES = (1, 2, 4, 8)
-
 UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     UnavailableFeature("zero_optimization.stage", _zero_stage_unavailable, lambda v: f"ZeRO stage {v}",
                        _use_available_stages, values=(0, 1, 2, 3)),
@@ -132,17 +122,7 @@ UNAVAILABLE_FEATURES: List[UnavailableFeature] = [
     _off("bf16.bf16_optimizer_states", "bf16 optimizer states (optimizer state kept in bf16, not fp32)"),
     UnavailableFeature("amp.enabled", _on, "NVIDIA Apex AMP", "use fp16 or bf16 instead"),
     UnavailableFeature("torch_autocast.enabled", _on, "torch.autocast mixed precision", "use fp16 or bf16 instead"),
-    UnavailableFeature("pipeline.stages", _above_one, "pipeline parallelism", "use 1 or 'auto'",
-                       values=("auto", 1, 2, 4)),
-    UnavailableFeature("tensor_parallel.autotp_size", _above_one, "automatic tensor parallelism (AutoTP)",
-                       "set it to 0", values=(0, 1, 2, 4)),
-    UnavailableFeature("tensor_parallel.tensor_parallel.tp_size", _above_one, "tensor parallelism", "set it to 1",
-                       label="tensor_parallel.tp.tp_size", scope="tensor_parallel.tensor_parallel",
-                       values=_ABOVE_ONE_VALUES),
-    UnavailableFeature("sequence_parallel_size", _above_one, "sequence parallelism (Ulysses)", "set it to 1",
-                       values=_ABOVE_ONE_VALUES),
     _off("hybrid_engine.enabled", "the hybrid engine"),
-    _off("flops_profiler.enabled", "the flops profiler"),
     *[UnavailableFeature(f"compression_training.{t}.shared_parameters.enabled", _on, f"compression training ({t})",
                          "set it to false", scope="compression_training") for t in COMPRESSION_TECHNIQUES],
     _off("compression_training.layer_reduction.enabled", "compression training (layer_reduction)"),

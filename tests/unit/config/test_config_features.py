@@ -45,11 +45,6 @@ def test_feature_error_is_a_value_error():
 
 @pytest.mark.parametrize("sections, key, feature", [
     ({"zero_optimization": {"zenflow": {}}}, "the 'zero_optimization.zenflow' section", "ZenFlow"),
-    ({"pipeline": {"stages": 4}}, "pipeline.stages=4", "pipeline parallelism"),
-    ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size=2", "AutoTP"),
-    ({"tensor_parallel": {"tp": {"tp_size": 2}}}, "tensor_parallel.tp.tp_size=2", "tensor parallelism"),
-    ({"sequence_parallel_size": 2}, "sequence_parallel_size=2", "sequence parallelism"),
-    ({"flops_profiler": {"enabled": True}}, "flops_profiler.enabled=true", "flops profiler"),
     ({"compression_training": {"sparse_pruning": {"shared_parameters": {"enabled": True}}}},
      "compression_training.sparse_pruning.shared_parameters.enabled=true", "compression training"),
     ({"compression_training": {"layer_reduction": {"enabled": True}}},
@@ -92,10 +87,10 @@ def test_disabled_sections_of_unbuilt_features_parse_silently(warnings_seen):
 
 def test_several_unbuilt_features_are_listed_together():
     with pytest.raises(FeatureNotAvailableError) as info:
-        _parse(pipeline={"stages": 4}, elasticity={"enabled": True})
+        _parse(hybrid_engine={"enabled": True}, elasticity={"enabled": True})
     lines = str(info.value).splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith("pipeline.stages=4") and lines[1].startswith("elasticity.enabled=true")
+    assert lines[0].startswith("hybrid_engine.enabled=true") and lines[1].startswith("elasticity.enabled=true")
 
 
 def test_tuning_only_keys_warn_once_each(warnings_seen):
