@@ -78,14 +78,6 @@ def _is_set(value) -> bool:
     return value is not None
 
 
-def _above_one(value) -> bool:
-    return isinstance(value, int) and value > 1
-
-
-def _offloaded(value) -> bool:
-    return value is not None and value != "none"
-
-
 def _off(key: str, feature: str) -> UnavailableFeature:
     return UnavailableFeature(key, _on, feature, f"set {key} to false")
 

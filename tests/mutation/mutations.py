@@ -140,7 +140,7 @@ MUTATIONS = (
         name="dp-average-missing",
         bug_class="data-parallel gradients summed, not averaged (1/world_size dropped)",
         path="deepscale/runtime/grad_reducer.py",
-        old="            post_scale = self.predivide_factor / self.world_size\n",
+        old="            post_scale = self.predivide_factor / self.average_world_size\n",
         new="            post_scale = self.predivide_factor\n",
         tests=("tests/unit/runtime/test_grad_reducer.py", "tests/unit/runtime/test_engine_parity.py",
                _SGD_PARITY),

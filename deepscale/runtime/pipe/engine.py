@@ -87,7 +87,7 @@ class PipelineEngine(Engine):
 
     def _needs_data(self) -> bool:
         # Stage 0 holds the first chunk; the last chunk is on the last stage, or on stage 0 for ZB-V.
-        return self.is_first_stage() or self.is_last_stage()
+        return self.is_first_stage() or self._holds_last_chunk()
 
     def set_dataiterator(self, iterator) -> None:
         """Set the iterator ``train_batch`` reads (first and last stages; others ignore it)."""
@@ -187,9 +187,7 @@ class PipelineEngine(Engine):
         return bool(flag.item())
 
     def _holds_last_chunk(self) -> bool:
-        vs_last = self.num_stages * self.module.num_virtual_stages - 1
-        return any(self.module.chunk_layer_range(c)[1] == self.module.parts[vs_last + 1]
-                   for c in range(self.module.num_virtual_stages))
+        return self._last_chunk_stage() == self.stage_id
 
     def _padded_losses(self, losses, count: int):
         return losses if self._holds_last_chunk() else [None] * count
@@ -240,7 +238,7 @@ class PipelineEngine(Engine):
     @torch.no_grad()
     def reduce_tied_grads(self) -> None:
         """Sum the gradients of tied parameters over the stages that hold them."""
-        duplicate = torch.zeros((), dtype=torch.float32, device=self.device)
+        duplicate = torch.zeros((), dtype=torch.float64, device=self.device)
         tp_size = self.grid.get_model_parallel_world_size()
         for key in sorted(self.grid.tied_groups):
             group = self.grid.tied_groups[key]
@@ -258,18 +256,17 @@ class PipelineEngine(Engine):
                     # Counted like the global norm counts it: a tensor-parallel shard once per shard,
                     # a replicated weight once over the tensor-parallel group (summed below).
                     share = 1.0 if getattr(param, "tensor_model_parallel", False) else 1.0 / tp_size
-                    duplicate += grad.float().pow(2).sum() * share
+                    duplicate += grad.double().pow(2).sum() * share
         if tp_size > 1:
             dist.all_reduce(duplicate, group=self.grid.tp_group)
         self._tied_duplicate_squares = duplicate
 
     def _reduce_norm_squares(self, squares: torch.Tensor) -> torch.Tensor:
         """Data-parallel squares of this stage -> the whole model's (tied weights once)."""
-        squares = squares.float()
         if self._tied_duplicate_squares is not None:
             # A rank holding a partition of the gradients counts its tied duplicates once per replica
             # group: the data-parallel sum already happened, so subtract the whole duplicate once.
-            squares = squares - self._tied_duplicate_squares.to(squares.device)
+            squares = squares - self._tied_duplicate_squares.to(device=squares.device, dtype=squares.dtype)
         if self.num_stages > 1:
             squares = squares.clone()
             dist.all_reduce(squares, group=self.grid.pp_group)

@@ -16,7 +16,8 @@ it into the optimizer's buffers. ``REDUCE_GRADS`` is one more empty pair with ``
 data-parallel reduction of the whole batch, as DeepSpeed's pipeline engine does it after the
 schedule.
 """
-from typing import Any, Dict, List, Optional, Tuple
+import time
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -76,8 +77,12 @@ class StageExecutor:
         hooks: the engine side (:class:`StageHooks`).
     """
 
+    #: Keep ``(instruction, start, end)`` of the last run in ``trace`` (perf_counter seconds).
+    record_trace = False
+
     def __init__(self, stage: int, channel: PipeChannel, hooks: StageHooks):
         self.stage, self.channel, self.hooks = stage, channel, hooks
+        self.trace = []
 
     def run(self, schedule: Schedule, return_outputs: bool = False, compute_loss: bool = True) -> Dict[str, Any]:
         """Run this stage's program; returns ``{"losses": [...], "outputs": [...]}`` (last stage)."""
@@ -97,9 +102,15 @@ class StageExecutor:
                     Op.SEND_ACT: self._send_act, Op.RECV_ACT: self._recv_act, Op.SEND_GRAD: self._send_grad,
                     Op.RECV_GRAD: self._recv_grad, Op.REDUCE_GRADS: self._reduce_grads,
                     Op.REDUCE_TIED: self._reduce_tied, Op.STEP: self._step}
+        self.trace = []
         try:
             for ins in schedule.stages[self.stage]:
-                handlers[ins.op](ins)
+                if self.record_trace:
+                    start = time.perf_counter()
+                    handlers[ins.op](ins)
+                    self.trace.append((ins, start, time.perf_counter()))
+                else:
+                    handlers[ins.op](ins)
         finally:
             self.channel.wait_sends()
         return {"losses": self.losses, "outputs": self.outputs}
