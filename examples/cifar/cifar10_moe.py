@@ -172,6 +172,9 @@ def main(argv=None):
             break
     if rank == 0:
         print(f"done: {step} steps, loss {first:.4f} -> {last:.4f}", flush=True)
+    # an orderly teardown while the interpreter is alive (gloo's threads otherwise stop at exit)
+    engine.destroy()
+    deepscale.comm.destroy_process_group()
 
 
 if __name__ == "__main__":
