@@ -142,6 +142,11 @@ class ParamCoordinator:
             return
         logger.debug("ZeRO-3: closing a backward the engine did not run (another engine's, or one that raised)")
         self.armed = False
+        self._leave_backward()
+
+    def _leave_backward(self) -> None:
+        # Recomputation under activation checkpointing may stop before a module's post-forward
+        # hook runs, so use counts are not trusted here: after a backward no module is running.
         for group in self.groups:
             group.backward_done = False
             group.reported.clear()
@@ -149,7 +154,8 @@ class ParamCoordinator:
             self.release(group, force=True)
         self.module_stack.clear()
         self.running_hooks.clear()
-        self.training.to(TrainingState.IDLE)
+        if self.training == TrainingState.BACKWARD:
+            self.training.to(TrainingState.IDLE)
 
     def begin_forward(self) -> None:
         self.close_stray_backward()
@@ -373,16 +379,7 @@ class ParamCoordinator:
         self._ready.clear()
         while self._pending:
             self._complete_oldest()
-        # Recomputation under activation checkpointing may stop before a module's post-forward
-        # hook runs, so use counts are not trusted here: after backward no module is running.
-        for group in self.groups:
-            group.backward_done = False
-            group.users = 0
-            self.release(group, force=True)
-        self.module_stack.clear()
-        self.running_hooks.clear()
-        if self.training == TrainingState.BACKWARD:
-            self.training.to(TrainingState.IDLE)
+        self._leave_backward()
         if self.offload is not None:
             self.offload.end_phase()
 
